@@ -208,3 +208,4 @@ def space_sample(
 def main() -> None:
     """Console-script entry point."""
     app()
+from nas import cli_latency  # noqa: E402,F401  (registers profile/predict)
