@@ -208,4 +208,7 @@ def space_sample(
 def main() -> None:
     """Console-script entry point."""
     app()
-from nas import cli_latency  # noqa: E402,F401  (registers profile/predict)
+
+
+# subcommand modules register themselves on `app` (imported last: they import from this module)
+from nas import cli_data, cli_latency  # noqa: E402,F401

@@ -1,0 +1,136 @@
+"""The quality-proxy interface and the denoising objective all proxies share.
+
+A proxy scores an arch in a :class:`QualityContext` (data, teacher, device, seed); **lower is better**, and every
+score carries its cost in seconds. The denoising objective is DeciDiffusion's: v-prediction on a cosine
+(``squaredcos_cap_v2``) schedule rescaled to zero terminal SNR, from diffusers' ``DDPMScheduler``.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler
+from torch import nn
+
+from search_spaces import FlexibleUNet2DConditionModel, UNetArch
+
+from ..data import LatentCache
+
+Report = Callable[[int, float], bool]  # (step, value) -> True to stop early (a scheduler pruned the trial)
+
+
+def make_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
+    """v-prediction, cosine betas, zero terminal SNR: the noise schedule of the DeciDiffusion recipe."""
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="v_prediction", rescale_betas_zero_snr=True, clip_sample=False)
+
+
+@dataclass
+class QualityContext:
+    """What a proxy may use. ``micro_batch`` splits each batch to bound memory (gradients accumulate);
+    ``gradient_checkpointing`` trades compute for memory on big models."""
+
+    data: LatentCache
+    teacher: nn.Module | None = None
+    device: str = "cpu"
+    seed: int = 0
+    batch_size: int = 64
+    micro_batch: int | None = None
+    gradient_checkpointing: bool = False
+    eval_items: int = 256
+    eval_timesteps: int = 10
+    scheduler: DDPMScheduler = field(default_factory=make_scheduler)
+
+    def build(self, arch: UNetArch, seed: int | None = None) -> FlexibleUNet2DConditionModel:
+        """A freshly initialised model for ``arch`` (deterministic under the seed) on the context's device."""
+        self.data.check_compatible(arch)
+        torch.manual_seed(self.seed if seed is None else seed)
+        model = FlexibleUNet2DConditionModel.from_arch(arch).to(self.device)
+        if self.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        return model
+
+    def batch(self, generator: torch.Generator, split: str = "train",
+              size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(clean latents, text, timesteps, noise) for a random training batch."""
+        data = self.data.split(split)
+        n = size or self.batch_size
+        idx = torch.randint(0, len(data), (n,), generator=generator)
+        x0 = data.sample_latents(idx, generator)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        return x0.to(self.device), data.text[idx].to(self.device), t.to(self.device), noise.to(self.device)
+
+
+@dataclass
+class QualityScore:
+    """A proxy's verdict on one arch: ``score`` (lower is better), its cost, and proxy-specific details."""
+
+    score: float
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class QualityProxy(ABC):
+    """One way to guess how good an arch will be once trained."""
+
+    name: str = ""
+    kind: str = ""  # zero_cost | distill | short_train
+
+    def __call__(self, arch: UNetArch, ctx: QualityContext, report: Report | None = None) -> QualityScore:
+        start = time.perf_counter()
+        score, details = self.compute(arch, ctx, report)
+        return QualityScore(float(score), time.perf_counter() - start, details)
+
+    @abstractmethod
+    def compute(self, arch: UNetArch, ctx: QualityContext, report: Report | None) -> tuple[float, dict[str, Any]]:
+        """Return (score, details); lower score is better."""
+
+
+# ---- the denoising objective -----------------------------------------------------------------------------------
+
+
+def noisy_and_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
+                     t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noised input at ``t`` and the v-prediction target."""
+    return scheduler.add_noise(x0, noise, t), scheduler.get_velocity(x0, noise, t)
+
+
+def denoising_loss(model: nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, text: torch.Tensor,
+                   t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    noisy, target = noisy_and_target(scheduler, x0, noise, t)
+    return (model(noisy, t, text).sample.float() - target.float()).square().mean()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ctx: QualityContext, teacher: nn.Module | None = None) -> dict[str, float]:
+    """Held-out denoising loss on a fixed grid of timesteps, fixed items and fixed noise (deterministic), and,
+    given a teacher, the output-level distillation loss against it."""
+    was_training = model.training
+    model.eval()
+    val = ctx.data.split("val")
+    n = min(ctx.eval_items, len(val))
+    g = torch.Generator().manual_seed(12345)
+    idx = torch.arange(n)
+    x0 = val.sample_latents(idx, g).to(ctx.device)
+    text = val.text[idx].to(ctx.device)
+    steps = torch.linspace(0, ctx.scheduler.config.num_train_timesteps - 1, ctx.eval_timesteps).round().long()
+    task = kd = 0.0
+    for step in steps:
+        noise = torch.randn(x0.shape, generator=g).to(ctx.device)
+        t = step.repeat(n).to(ctx.device)
+        noisy, target = noisy_and_target(ctx.scheduler, x0, noise, t)
+        out = model(noisy, t, text).sample.float()
+        task += (out - target).square().mean().item()
+        if teacher is not None:
+            kd += (out - teacher(noisy, t, text).sample.float()).square().mean().item()
+    model.train(was_training)
+    result = {"task_loss": task / len(steps)}
+    if teacher is not None:
+        result["kd_loss"] = kd / len(steps)
+    return result
