@@ -210,9 +210,9 @@ class SearchSpace:
 
     def _active(self, values: Mapping[str, Any]) -> list[bool]:
         """Which decisions apply, given the values chosen (depth, attention counts)."""
-        return [self._applies(d.name, values) for d in self.decisions]
+        return [self.applies(d.name, values) for d in self.decisions]
 
-    def _applies(self, name: str, values: Mapping[str, Any]) -> bool:
+    def applies(self, name: str, values: Mapping[str, Any]) -> bool:
         """Whether one decision applies. It depends only on ``stages`` and the stage's attention count, which
         come before it in decision order, so decisions can be taken one after the other."""
         stage, _, key = name.partition(".")
@@ -388,7 +388,7 @@ class SearchSpace:
                 out.append(self.decode(idx))
                 return
             d = self.decisions[k]
-            if not self._applies(d.name, values):
+            if not self.applies(d.name, values):
                 walk(k + 1, [*idx, -1], values)
                 return
             for j, choice in enumerate(d.choices):

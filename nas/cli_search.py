@@ -1,0 +1,141 @@
+"""``unet-nas search`` and ``unet-nas report``."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from optuna.trial import TrialState
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from nas.cli import app, console, fail, user_errors
+from nas.experiment import Experiment, load_experiment
+from nas.report import atomic_write, redact, write_report
+from search_spaces import ConfigError
+from search_spaces.yamlio import dump_yaml
+
+
+def _breakdowns(exp: Experiment, evaluator: Any) -> Any:
+    """(unit, arch -> per-stage dict) for the breakdown plot: the first latency objective, else MACs."""
+    for obj in exp.objectives:
+        if obj.kind == "latency":
+            return "predicted ms per step (" + obj.name + ")", evaluator._predictors[obj.name].breakdown
+    from proxies.cost import arch_costs
+
+    return "GMACs", lambda a: {k: v.macs / 1e9 for k, v in arch_costs(a).stages.items()}
+
+
+def _worker(path: str, storage_url: str) -> None:
+    """A second worker process on the same study (started by --workers)."""
+    from nas.search.objectives import Evaluator
+    from nas.search.optuna_backend import run_worker
+
+    exp = load_experiment(path)
+    run_worker(exp, Evaluator(exp).prepare(), storage_url, resume=True)
+
+
+@app.command("search")
+@user_errors
+def search(
+    file: Annotated[Path, typer.Argument(help="Experiment YAML.")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the experiment's existing study.")] = False,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (e.g. postgresql://...); default: "
+                                                "the file's storage, else runs/<name>/study.db.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine.")] = 1,
+) -> None:
+    """Run an architecture search; results land in runs/<name>/ (or the file's output_dir)."""
+    exp = load_experiment(file)
+    storage_url = exp.storage_url(storage)
+    from nas.search.objectives import Evaluator
+
+    evaluator = Evaluator(exp, log=lambda m: console.print(f"[dim]{m}[/]")).check()
+    if exp.backend == "ray":
+        from nas.search.ray_backend import run_ray
+
+        exp.run_dir.mkdir(parents=True, exist_ok=True)
+        study = run_ray(exp, file, storage_url, resume, log=console.print)
+        _finish(exp, study, storage_url, evaluator.prepare())
+        return
+
+    from nas.search.optuna_backend import counted, make_storage, open_study, run_worker
+
+    exp.run_dir.mkdir(parents=True, exist_ok=True)
+    study = open_study(exp, make_storage(storage_url, exp), resume)
+    saved = exp.model_dump()
+    saved["base_dir"] = str(Path(exp.base_dir).resolve())  # so `unet-nas report` finds the same relative files
+    if isinstance(saved.get("storage"), str):
+        saved["storage"] = redact(saved["storage"])
+    atomic_write(exp.run_dir / "experiment.yaml", dump_yaml(saved))
+    evaluator.prepare()
+
+    procs = []
+    if workers > 1:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker, args=(str(file), storage_url), daemon=False) for _ in range(workers - 1)]
+        for p in procs:
+            p.start()
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console)
+    first = exp.objectives[0].name
+    interrupted = False
+    with progress:
+        task = progress.add_task(f"search {exp.name}", total=exp.budget.trials, completed=counted(study),
+                                 status="")
+
+        def on_trial(study: Any, _trial: Any) -> None:
+            trials = study.get_trials(deepcopy=False)
+            done = [t for t in trials if t.state == TrialState.COMPLETE]
+            feasible = [t for t in done if t.user_attrs.get("feasible", True)]
+            failed = sum(t.state == TrialState.FAIL for t in trials)
+            best = min((t.values[0] for t in feasible), default=None)
+            status = f"failed {failed}  feasible {len(feasible)}" + (f"  best {first} {best:.4g}" if best is not None
+                                                                    else "")
+            progress.update(task, completed=counted(study), status=status)
+
+        try:
+            run_worker(exp, evaluator, storage_url, resume=True, on_trial=on_trial)
+        except KeyboardInterrupt:
+            interrupted = True
+    for p in procs:
+        if interrupted:
+            p.terminate()
+        p.join()
+    _finish(exp, study, storage_url, evaluator)
+    if interrupted:
+        console.print(f"stopped; continue with: unet-nas search {file} --resume")
+        raise typer.Exit(130)
+
+
+def _finish(exp: Experiment, study: Any, storage_url: str, evaluator: Any) -> None:
+    facts = write_report(exp.run_dir, exp, study, storage_url, evaluator.reference_objectives(),
+                         _breakdowns(exp, evaluator))
+    console.print(f"{facts['trials']} trials ({facts['states']['COMPLETE']} complete, {facts['states']['FAIL']} "
+                  f"failed), {facts['pareto']} Pareto-optimal; report in {exp.run_dir}/summary.md")
+
+
+@app.command("report")
+@user_errors
+def report(
+    run: Annotated[Path, typer.Argument(help="A run folder (runs/<name>) holding experiment.yaml.")],
+    storage: Annotated[str | None, typer.Option(help="Storage URL if not the run's study.db.")] = None,
+) -> None:
+    """Regenerate a run's report files from its study."""
+    import optuna
+
+    from nas.search.objectives import Evaluator
+    from nas.search.optuna_backend import make_storage
+
+    path = run / "experiment.yaml"
+    if not path.is_file():
+        raise fail(f"{run}: not a run folder (no experiment.yaml)")
+    exp = load_experiment(path, overrides={"output_dir": str(run.parent), "name": run.name})
+    url = storage or (exp.storage_url() if exp.storage is None else None)
+    if url is None:
+        raise ConfigError("this run used a remote storage: pass --storage", field="storage")
+    try:
+        study = optuna.load_study(study_name=exp.name, storage=make_storage(url, exp))
+    except KeyError:
+        raise ConfigError(f"no study {exp.name!r} in {redact(url)}", field="storage") from None
+    _finish(exp, study, url, Evaluator(exp).prepare())

@@ -1,0 +1,239 @@
+"""The experiment file: one YAML that says what to search, for what, how long and where.
+
+Validated with pydantic (unknown keys are errors); every problem becomes one :class:`ConfigError` naming the
+file, the field path and the line. Relative paths inside the file are relative to the file.
+
+```yaml
+name: quickstart
+seed: 0
+space: ../search_spaces/spaces/digits.yaml     # a file, or the space mapping inline
+teacher: {arch: digits, train_steps: 300}      # or {path: /models/sd15, subfolder: unet}
+data: digits                                   # or a cache folder from `unet-nas data precompute`
+objectives:
+  - {name: quality, kind: quality, proxy: distill, options: {steps: 10}}
+  - {name: latency_cpu, kind: latency, predictor: lut, profile: cpu.yaml, measure_if_missing: true,
+     resolution: 64, batch: 2, text_len: 8}
+  - {name: params, kind: params}
+constraints:
+  - {objective: params, max: 400000}
+  - {objective: latency_cpu, max_ratio: 0.8, of: digits}
+strategy: {name: nsga2, population: 8}
+budget: {trials: 24, wall_time: 300}
+backend: optuna
+references: [digits]
+```
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from search_spaces import ConfigError
+from search_spaces.yamlio import read_file
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherSpec(_Strict):
+    """A teacher for inheritance and distillation: a reference arch trained here on the data (CPU-sized only),
+    or a local diffusers folder (UNet2DConditionModel or FlexibleUNet)."""
+
+    arch: str | None = None
+    train_steps: int = Field(300, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    path: str | None = None
+    subfolder: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSpec:
+        if (self.arch is None) == (self.path is None):
+            raise ValueError("give exactly one of arch (train it here) or path (a local diffusers folder)")
+        return self
+
+
+class Objective(_Strict):
+    """One objective. ``kind`` decides which other fields apply; all objectives are minimised."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    kind: Literal["quality", "latency", "params", "macs"]
+    # quality
+    proxy: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    # latency
+    predictor: Literal["lut", "roofline", "learned"] | None = None
+    profile: str | None = None
+    spec: str | None = None
+    measure_if_missing: bool = False
+    # latency and macs shapes (latency: image pixels; macs: latent size)
+    batch: int = Field(2, ge=1)
+    resolution: int | None = Field(None, ge=1)
+    text_len: int = Field(77, ge=1)
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> Objective:
+        if self.kind == "quality" and not self.proxy:
+            raise ValueError("a quality objective needs proxy (grad_norm, snip, synflow, jacob_cov, distill, "
+                             "short_train)")
+        if self.kind == "latency":
+            if self.predictor is None:
+                raise ValueError("a latency objective needs predictor: lut, roofline or learned")
+            if self.predictor in ("lut", "learned") and not self.profile:
+                raise ValueError(f"the {self.predictor} predictor needs a measured profile")
+            if self.predictor == "roofline" and not self.spec:
+                raise ValueError("the roofline predictor needs spec (a device spec name or file)")
+        return self
+
+
+class Constraint(_Strict):
+    """``objective <= max``, or ``objective <= max_ratio x`` its value for a reference arch (``of``)."""
+
+    objective: str
+    max: float | None = None
+    max_ratio: float | None = Field(None, gt=0)
+    of: str | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _bound(self) -> Constraint:
+        if (self.max is None) == (self.max_ratio is None):
+            raise ValueError("give exactly one of max or max_ratio (with of: a reference arch)")
+        if self.max_ratio is not None and not self.of:
+            raise ValueError("max_ratio needs of: the reference arch it is relative to")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return (f"{self.objective}_le_{self.max:g}" if self.max is not None
+                else f"{self.objective}_le_{self.max_ratio:g}x_{self.of}")
+
+
+class Strategy(_Strict):
+    name: Literal["nsga2", "tpe", "random", "evolution"] = "nsga2"
+    population: int = Field(16, ge=2)
+    prefilter: int = Field(8, ge=1, description="evolution: candidates generated per proposal, best kept by cost")
+
+
+class Budget(_Strict):
+    trials: int = Field(ge=1)
+    wall_time: float | None = Field(None, gt=0, description="seconds")
+
+
+class RayOptions(_Strict):
+    address: str | None = None  # None: a local Ray on 127.0.0.1; "auto" or "host:port" to join a cluster
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    max_concurrent: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    asha: dict[str, Any] | None = None  # {grace_period, reduction_factor}: needs a short_train quality objective
+
+
+class Experiment(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    space: str | dict[str, Any]
+    objectives: list[Objective] = Field(min_length=1)
+    constraints: list[Constraint] = Field(default_factory=list)
+    strategy: Strategy = Field(default_factory=Strategy)
+    budget: Budget
+    backend: Literal["optuna", "ray"] = "optuna"
+    storage: str | dict[str, str] | None = None
+    data: str | None = None
+    teacher: TeacherSpec | None = None
+    device: str = "cpu"
+    references: list[str] = Field(default_factory=list)
+    ray: RayOptions = Field(default_factory=RayOptions)
+    output_dir: str = "runs"
+    heartbeat_interval: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
+    heartbeat_grace: int = Field(30, ge=2, description="a trial silent this long belongs to a dead worker")
+    max_retries: int = Field(2, ge=0, description="retries of a trial whose worker died")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: Any) -> Any:
+        if isinstance(v, dict) and (set(v) - {"env", "file"} or len(v) != 1):
+            raise ValueError("storage must be a URL, {env: VARIABLE} or {file: path}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Experiment:
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objective names must be unique, got {names}")
+        for c in self.constraints:
+            if c.objective not in names:
+                raise ValueError(f"constraint on unknown objective {c.objective!r} (objectives: {', '.join(names)})")
+        if any(o.kind == "quality" for o in self.objectives) and self.data is None:
+            raise ValueError("a quality objective needs data: digits or a cache folder")
+        return self
+
+    # ---- derived -------------------------------------------------------------------------------------------
+
+    base_dir: str = "."
+
+    def path(self, value: str) -> Path:
+        """A path from the file: relative to the file's folder, or to the run folder with ``{run_dir}/...``."""
+        if value.startswith("{run_dir}"):
+            return self.run_dir / value.removeprefix("{run_dir}").lstrip("/")
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def storage_url(self, override: str | None = None) -> str:
+        """The Optuna storage URL: ``--storage``, the file's ``storage`` (a URL, or read from an environment
+        variable or a file so that a password never sits in the experiment file), or SQLite in the run folder."""
+        value = override if override is not None else self.storage
+        if value is None:
+            return f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+        if isinstance(value, dict):
+            if "env" in value:
+                url = os.environ.get(value["env"])
+                if not url:
+                    raise ConfigError(f"environment variable {value['env']} is not set", field="storage.env")
+                return url
+            try:
+                return self.path(value["file"]).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the storage URL file: {exc.strerror}", field="storage.file") from None
+        return value
+
+
+def load_experiment(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Experiment:
+    """Read and validate an experiment file; one ConfigError naming file, field and line on any problem."""
+    data, lines = read_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError("an experiment must be a mapping", source=str(path), line=1)
+    data = {**data, **(overrides or {})}
+    data.setdefault("base_dir", str(Path(path).parent))
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = _loc(err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        raise ConfigError(message, field=field).located(str(path), lines) from None
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after",) or str(part).startswith(("function-", "literal[")):
+            continue
+        else:
+            out = f"{out}.{part}" if out else str(part)
+    return out

@@ -1,0 +1,245 @@
+"""Turn an experiment's objectives and constraints into one function: arch -> objective values.
+
+Everything expensive to set up (the data cache, a teacher trained or loaded once and saved in the run folder,
+latency predictors, a CPU profile measured on first use) is prepared once per process by :class:`Evaluator`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nas.experiment import Experiment, Objective
+from proxies.cost import arch_costs
+from search_spaces import ConfigError, UNetArch, get_arch, load_arch
+from search_spaces.space import SearchSpace
+
+
+@dataclass
+class Evaluation:
+    """Objective values (all minimised), constraint values (<= 0 is feasible) and what it cost."""
+
+    values: dict[str, float]
+    constraints: dict[str, float]
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        return all(v <= 0 for v in self.constraints.values())
+
+
+def load_space(exp: Experiment) -> SearchSpace:
+    if isinstance(exp.space, dict):
+        try:
+            return SearchSpace(exp.space)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, field=f"space.{exc.field}" if exc.field else "space") from None
+    if "/" not in exp.space and not exp.space.endswith((".yaml", ".yml")):  # a shipped space by name
+        from importlib import resources
+
+        shipped = Path(str(resources.files("search_spaces") / "spaces")) / f"{exp.space}.yaml"
+        if not shipped.is_file():
+            raise ConfigError(f"no shipped space {exp.space!r} (give a file path)", field="space")
+        return SearchSpace.from_yaml(shipped)
+    return SearchSpace.from_yaml(exp.path(exp.space))
+
+
+class Evaluator:
+    """Scores archs for one experiment. ``prepare()`` does the one-time work (teacher, profile) and is safe to
+    call again: it reuses what the run folder already holds."""
+
+    def __init__(self, exp: Experiment, log: Any = None):
+        self.exp = exp
+        self.space = load_space(exp)
+        self.log = log or (lambda msg: None)
+        self._ctx = None
+        self._predictors: dict[str, Any] = {}
+        self._proxies: dict[str, Any] = {}
+        self._reference_values: dict[str, dict[str, float]] = {}
+
+    # ---- one-time preparation -------------------------------------------------------------------------------
+
+    def check(self) -> Evaluator:
+        """Every check that needs no side effect: proxy options, reference archs, constraint bounds."""
+        for obj in self.exp.objectives:
+            if obj.kind == "quality":
+                self._make_proxy(obj)
+        for i, c in enumerate(self.exp.constraints):
+            if c.of is not None and not Path(c.of).exists():
+                try:
+                    get_arch(c.of)
+                except ConfigError as exc:
+                    raise ConfigError(exc.message, field=f"constraints[{i}].of") from None
+            kind = next(o.kind for o in self.exp.objectives if o.name == c.objective)
+            if c.max is not None and c.max <= 0 and kind in ("params", "macs", "latency"):
+                raise ConfigError(f"{c.objective} is always positive, so max {c.max:g} cannot be met",
+                                  field=f"constraints[{i}].max")
+        for i, name in enumerate(self.exp.references):
+            try:
+                get_arch(name)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, field=f"references[{i}]") from None
+        return self
+
+    def prepare(self) -> Evaluator:
+        """The one-time work: predictors (measuring a profile if asked), data, teacher, reference values."""
+        self.check()
+        for obj in self.exp.objectives:
+            if obj.kind == "quality":
+                self._quality_context()
+                self._proxies[obj.name] = self._make_proxy(obj)
+            elif obj.kind == "latency":
+                self._predictors[obj.name] = self._predictor(obj)
+        for c in self.exp.constraints:
+            if c.of and c.of not in self._reference_values:
+                ref = load_arch(c.of) if Path(c.of).exists() else get_arch(c.of)
+                self._reference_values[c.of] = self.objectives(ref, cheap_only=True)
+        return self
+
+    def _make_proxy(self, obj: Objective) -> Any:
+        from proxies.quality import make_proxy
+
+        try:
+            return make_proxy(obj.proxy, **obj.options)
+        except ConfigError as exc:
+            idx = self.exp.objectives.index(obj)
+            raise ConfigError(exc.message, field=f"objectives[{idx}].{exc.field or 'proxy'}") from None
+
+    def _quality_context(self) -> Any:
+        if self._ctx is not None:
+            return self._ctx
+        from proxies.data import LatentCache, digits_cache
+        from proxies.quality import QualityContext
+
+        data = digits_cache() if self.exp.data == "digits" else LatentCache.load(self.exp.path(self.exp.data))
+        ctx = QualityContext(data=data, seed=self.exp.seed, device=self.exp.device)
+        if self.exp.teacher is not None:
+            ctx.teacher = self._teacher(ctx)
+        self._ctx = ctx
+        return ctx
+
+    def _teacher(self, ctx: Any) -> torch.nn.Module:
+        from proxies.quality.train import train
+        from search_spaces import FlexibleUNet2DConditionModel
+
+        spec = self.exp.teacher
+        if spec.path is not None:
+            root = self.exp.path(spec.path)
+            kwargs = {"subfolder": spec.subfolder} if spec.subfolder else {}
+            try:
+                model = FlexibleUNet2DConditionModel.from_pretrained(root, **kwargs)
+            except (OSError, ValueError, TypeError):
+                model = FlexibleUNet2DConditionModel.from_unet2d_pretrained(root, **kwargs)
+            ctx.data.check_compatible(model.arch)
+            return model.to(self.exp.device).eval()
+        saved = self.exp.run_dir / "teacher"
+        if (saved / "config.json").is_file():
+            return FlexibleUNet2DConditionModel.from_pretrained(saved).to(self.exp.device).eval()
+        arch = get_arch(spec.arch) if not Path(spec.arch).exists() else load_arch(spec.arch)
+        self.log(f"training the teacher {spec.arch} for {spec.train_steps} steps")
+        model = ctx.build(arch, seed=self.exp.seed)
+        train(model, ctx, spec.train_steps, lr=spec.lr, seed=self.exp.seed)
+        tmp = saved.with_name(f"teacher.tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        try:
+            tmp.replace(saved)  # atomic: a crash leaves no half-written teacher to be reused
+        except OSError:  # another worker saved it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return model.eval()
+
+    def _predictor(self, obj: Objective) -> Any:
+        from proxies.latency import LatencyProfile, LUTPredictor, Settings
+
+        idx = self.exp.objectives.index(obj)
+        resolution = obj.resolution or 8 * self.space.globals.get("sample_size", 64)
+        settings = Settings(device=self.exp.device if obj.predictor != "roofline" else "cpu", dtype=obj.dtype,
+                            batch=obj.batch, resolution=resolution, text_len=obj.text_len)
+        if obj.predictor == "roofline":
+            from proxies.latency.roofline import RooflinePredictor, load_spec
+
+            spec = load_spec(obj.spec if not Path(obj.spec).suffix else self.exp.path(obj.spec))
+            return RooflinePredictor(spec, settings)
+        path = self.exp.path(obj.profile)
+        if not path.is_file() or (obj.measure_if_missing and not LatencyProfile.load(path).complete):
+            if not obj.measure_if_missing:
+                raise ConfigError(f"profile {path} not found (set measure_if_missing: true to measure it here)",
+                                  field=f"objectives[{idx}].profile")
+            from proxies.latency.profiler import run_profile
+
+            self.log(f"measuring latency profile {path} on {settings.device} (resumable)")
+            refs = [get_arch(r) for r in {*self.exp.references, *(c.of for c in self.exp.constraints if c.of)}
+                    if not Path(r).exists()]
+            run_profile(self.space, settings, path, space_label=str(self.exp.space), calibration=8,
+                        seed=self.exp.seed, extra_archs=refs)
+        profile = LatencyProfile.load(path)
+        if obj.predictor == "lut":
+            return LUTPredictor(profile, settings)
+        from proxies.latency.learned import LearnedPredictor
+
+        profile.check_settings(settings)
+        return LearnedPredictor.from_profile(profile, space=self.space)
+
+    # ---- scoring ---------------------------------------------------------------------------------------------
+
+    def objectives(self, arch: UNetArch, cheap_only: bool = False) -> dict[str, float]:
+        """Objective values; ``cheap_only`` skips quality proxies (for reference archs and pre-filtering)."""
+        out: dict[str, float] = {}
+        for obj in self.exp.objectives:
+            if obj.kind == "params":
+                out[obj.name] = float(arch_costs(arch).params)
+            elif obj.kind == "macs":
+                res = obj.resolution
+                out[obj.name] = float(arch_costs(arch, obj.batch, res, obj.text_len).macs)
+            elif obj.kind == "latency":
+                out[obj.name] = float(self._predictors[obj.name].predict(arch))
+            elif not cheap_only:
+                out[obj.name] = float(self._proxies[obj.name](arch, self._ctx).score)
+        return out
+
+    def constraint_values(self, values: dict[str, float]) -> dict[str, float]:
+        """Each constraint as ``value - bound`` (<= 0 is feasible), keyed by the constraint's label."""
+        missing = [c.objective for c in self.exp.constraints if c.objective not in values]
+        if missing:
+            raise KeyError(f"no value for constrained objective {missing[0]}")
+        return self.constraint_values_partial(values)
+
+    def constraint_values_partial(self, values: dict[str, float]) -> dict[str, float]:
+        """The constraints whose objective is in ``values`` (e.g. the cheap ones before a quality proxy runs)."""
+        out = {}
+        for c in self.exp.constraints:
+            if c.objective not in values:
+                continue
+            bound = c.max if c.max is not None else c.max_ratio * self._reference_values[c.of][c.objective]
+            out[c.label] = values[c.objective] - bound
+        return out
+
+    def __call__(self, arch: UNetArch) -> Evaluation:
+        start = time.perf_counter()
+        values = self.objectives(arch)
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"objective {bad[0]} is {values[bad[0]]}")
+        return Evaluation(values, self.constraint_values(values), time.perf_counter() - start)
+
+    @property
+    def reference_values(self) -> dict[str, dict[str, float]]:
+        return self._reference_values
+
+    def reference_objectives(self) -> dict[str, dict[str, float]]:
+        """Cheap objective values of the experiment's reference archs (for plots and reports)."""
+        out = {}
+        for name in self.exp.references:
+            try:
+                arch = get_arch(name)
+                out[name] = self.objectives(arch, cheap_only=True)
+            except ConfigError as exc:  # e.g. a profile that lacks a reference's blocks: report, don't crash
+                self.log(f"reference {name} not placed: {exc}")
+        return out

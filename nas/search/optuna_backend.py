@@ -1,0 +1,239 @@
+"""The local search: an Optuna study (SQLite in the run folder by default, any RDB URL for many workers).
+
+The study is the single source of truth: every trial's arch, objective values, constraint values, failure
+reason and timing live in it, so ``--resume``, extra workers on other hosts and ``unet-nas report`` all read the
+same place.
+
+* Archs are suggested define-by-run, one ``suggest_categorical`` per applicable space decision, so the
+  parameters read naturally in optuna-dashboard (``down[1].attentions = 2``).
+* Failures (an exception, NaN, running out of memory) are recorded as FAIL with the reason in the trial's
+  ``error`` attribute, and the search goes on.
+* Constraints are set on each trial (``trial.set_constraint``, <= 0 is feasible) for the samplers'
+  constraint handling, never as a penalty.
+* Heartbeats: a trial whose worker died (``kill -9``, a lost node) is marked FAIL once its heartbeat is stale
+  and retried with the same arch (``RetryHeartbeatStaleTrialCallback``).
+* The budget counts finished trials of all workers (completed, pruned, and failed by their own error; a
+  crashed worker's trial is retried, not counted twice).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from nas.experiment import Experiment
+from search_spaces import ConfigError, UNetArch
+from search_spaces.space import SearchSpace
+
+from .objectives import Evaluator
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# ---- archs <-> trials ------------------------------------------------------------------------------------------
+
+
+def suggest_arch(space: SearchSpace, trial: Trial) -> UNetArch:
+    """Ask the trial for every applicable decision of the space, in order, and decode the arch."""
+    values: dict[str, Any] = {}
+    idx: list[int] = []
+    for d in space.decisions:
+        if space.applies(d.name, values):
+            value = trial.suggest_categorical(d.name, list(d.choices))
+            values[d.name] = value
+            idx.append(d.choices.index(value))
+        else:
+            idx.append(-1)
+    return space.decode(idx)
+
+
+def arch_params(space: SearchSpace, arch: UNetArch) -> dict[str, Any]:
+    """The trial parameters that make ``suggest_arch`` return ``arch`` (for ``study.enqueue_trial``)."""
+    return {d.name: d.choices[k] for d, k in zip(space.decisions, space.encode(arch), strict=True) if k >= 0}
+
+
+# ---- storage and study -----------------------------------------------------------------------------------------
+
+
+def make_storage(url: str, exp: Experiment) -> RDBStorage:
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # several local workers share one file
+    try:
+        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna; we rely on them knowingly
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = RetryHeartbeatStaleTrialCallback(max_retry=exp.max_retries)
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=exp.heartbeat_interval,
+                              grace_period=exp.heartbeat_grace, heartbeat_stale_trial_callback=retry)
+    except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
+        from nas.report import redact
+
+        raise ConfigError(f"cannot open storage {redact(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                          field="storage") from None
+
+
+def make_sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
+    """The strategy's sampler. Constraints reach NSGA-II and TPE through ``trial.set_constraint``."""
+    s = exp.strategy
+    if s.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=s.population, seed=exp.seed)
+    if s.name == "tpe":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=exp.seed, multivariate=True, group=True,
+                                              n_startup_trials=min(10, max(2, exp.budget.trials // 3)))
+    # random, and the evolutionary strategy, which draws its first population at random and then enqueues
+    # cost-model-filtered children (see Evolution)
+    return optuna.samplers.RandomSampler(seed=exp.seed)
+
+
+def open_study(exp: Experiment, storage: RDBStorage, resume: bool) -> optuna.Study:
+    directions = ["minimize"] * len(exp.objectives)
+    if resume:
+        try:
+            study = optuna.load_study(study_name=exp.name, storage=storage, sampler=make_sampler(exp))
+        except KeyError:
+            raise ConfigError(f"no study {exp.name!r} to resume in this storage", field="name") from None
+        if len(study.directions) != len(directions):
+            raise ConfigError(f"the stored study has {len(study.directions)} objectives, the file "
+                              f"{len(directions)}", field="objectives")
+        return study
+    try:
+        study = optuna.create_study(study_name=exp.name, storage=storage, directions=directions,
+                                    sampler=make_sampler(exp))
+    except optuna.exceptions.DuplicatedStudyError:
+        raise ConfigError(f"a study named {exp.name!r} already exists: pass --resume to continue it, or rename "
+                          "the experiment", field="name") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o.name for o in exp.objectives])
+    study.set_user_attr("objectives", [o.name for o in exp.objectives])
+    study.set_user_attr("constraints", [c.label for c in exp.constraints])
+    return study
+
+
+def counted(study: optuna.Study) -> int:
+    """Finished trials that use up the budget (a crashed worker's trial is retried instead)."""
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        own_failure = t.state == TrialState.FAIL and "error" in t.user_attrs
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or own_failure:
+            n += 1
+    return n
+
+
+# ---- the evolutionary strategy ---------------------------------------------------------------------------------
+
+
+class Evolution:
+    """Mutation and crossover of the feasible Pareto set; each proposal generates ``prefilter`` children and
+    keeps the one the cheap objectives (params, MACs, predicted latency) rank best, SnapFusion/OFA style:
+    the expensive quality proxy only runs on candidates that already look good on cost."""
+
+    def __init__(self, exp: Experiment, space: SearchSpace, evaluator: Evaluator):
+        self.exp, self.space, self.evaluator = exp, space, evaluator
+        self.rng = random.Random(exp.seed)
+
+    def __call__(self, study: optuna.Study, _trial: FrozenTrial) -> None:
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if len(done) < self.exp.strategy.population or waiting:
+            return
+        from nas.report import pareto_indices
+
+        feasible = [t for t in done if t.user_attrs.get("feasible", True)] or done
+        front = [feasible[i] for i in pareto_indices([t.values for t in feasible])]
+        parents = [UNetArch.from_dict(t.user_attrs["arch"]) for t in front]
+        seen = {UNetArch.from_dict(t.user_attrs["arch"]) for t in done}
+        candidates = []
+        for _ in range(self.exp.strategy.prefilter * 4):
+            a = self.rng.choice(parents)
+            child = (self.space.crossover(a, self.rng.choice(parents), self.rng) if self.rng.random() < 0.5
+                     else self.space.mutate(a, self.rng))
+            if child not in seen and child not in candidates:
+                candidates.append(child)
+            if len(candidates) >= self.exp.strategy.prefilter:
+                break
+        if not candidates:
+            return
+        scored = []
+        for c in candidates:
+            cheap = self.evaluator.objectives(c, cheap_only=True)
+            violation = sum(max(0.0, v) for k, v in self.evaluator.constraint_values_partial(cheap).items())
+            scored.append((violation, tuple(cheap.values()), c))
+        scored.sort(key=lambda s: (s[0], s[1]))
+        study.enqueue_trial(arch_params(self.space, scored[0][2]), skip_if_exists=True)
+
+
+# ---- running ---------------------------------------------------------------------------------------------------
+
+
+def make_objective(exp: Experiment, evaluator: Evaluator) -> Callable[[Trial], tuple[float, ...]]:
+    names = [o.name for o in exp.objectives]
+
+    def objective(trial: Trial) -> tuple[float, ...]:
+        arch = suggest_arch(evaluator.space, trial)
+        trial.set_user_attr("arch", arch.to_dict())
+        trial.set_user_attr("arch_summary", str(arch).split("(", 1)[1].rstrip(")"))
+        previous = _same_arch(trial)
+        try:
+            if previous is not None:
+                values = dict(zip(names, previous.values, strict=True))
+                ev_constraints = previous.user_attrs.get("constraints", {})
+                trial.set_user_attr("duplicate_of", previous.number)
+                seconds = 0.0
+            else:
+                ev = evaluator(arch)
+                values, ev_constraints, seconds = ev.values, ev.constraints, ev.seconds
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        trial.set_user_attr("constraints", ev_constraints)
+        for label, value in ev_constraints.items():
+            trial.set_constraint(label, float(value))  # Optuna's constraint handling: <= 0 is feasible
+        trial.set_user_attr("feasible", all(v <= 0 for v in ev_constraints.values()))
+        trial.set_user_attr("seconds", seconds)
+        return tuple(values[n] for n in names)
+
+    return objective
+
+
+def _same_arch(trial: Trial) -> FrozenTrial | None:
+    """A completed trial with the same parameters: its values are reused instead of re-running the proxy."""
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.params == trial.params:
+            return t
+    return None
+
+
+def run_worker(exp: Experiment, evaluator: Evaluator, storage_url: str, resume: bool,
+               on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> optuna.Study:
+    """Run trials until the budget (all workers together) or the wall time is used up."""
+    storage = make_storage(storage_url, exp)
+    study = open_study(exp, storage, resume)
+    start = time.monotonic()
+    budget = exp.budget
+
+    def stop_when_spent(study: optuna.Study, trial: FrozenTrial) -> None:
+        if counted(study) >= budget.trials:
+            study.stop()
+        if budget.wall_time is not None and time.monotonic() - start >= budget.wall_time:
+            study.stop()
+
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [stop_when_spent]
+    if exp.strategy.name == "evolution":
+        callbacks.insert(0, Evolution(exp, evaluator.space, evaluator))
+    if on_trial is not None:
+        callbacks.append(on_trial)
+    remaining = budget.trials - counted(study)
+    if remaining > 0:
+        study.optimize(make_objective(exp, evaluator), n_trials=remaining, timeout=budget.wall_time,
+                       catch=(Exception,), callbacks=callbacks, gc_after_trial=False)
+    return study
