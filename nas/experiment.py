@@ -127,13 +127,20 @@ class Budget(_Strict):
     wall_time: float | None = Field(None, gt=0, description="seconds")
 
 
+class AshaOptions(_Strict):
+    """ASHA early stopping on the short_train proxy's held-out loss; both counts are training steps."""
+
+    grace_period: int = Field(10, ge=1, description="training steps every trial runs before it may be stopped")
+    reduction_factor: float = Field(2, gt=1, description="keep the best 1/reduction_factor at each rung")
+
+
 class RayOptions(_Strict):
     address: str | None = None  # None: a local Ray on 127.0.0.1; "auto" or "host:port" to join a cluster
     cpus_per_trial: float = Field(1, gt=0)
     gpus_per_trial: float = Field(0, ge=0)
     max_concurrent: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
-    asha: dict[str, Any] | None = None  # {grace_period, reduction_factor}: needs a short_train quality objective
+    asha: AshaOptions | None = None  # needs a short_train quality objective
 
 
 class Experiment(_Strict):
@@ -163,17 +170,20 @@ class Experiment(_Strict):
             raise ValueError("storage must be a URL, {env: VARIABLE} or {file: path}")
         return v
 
-    @model_validator(mode="after")
-    def _cross_checks(self) -> Experiment:
+    def cross_check(self) -> None:
+        """Checks across fields, each naming the exact field (pydantic's model validators cannot)."""
         names = [o.name for o in self.objectives]
-        if len(set(names)) != len(names):
-            raise ValueError(f"objective names must be unique, got {names}")
-        for c in self.constraints:
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ConfigError(f"objective name {name!r} is used twice", field=f"objectives[{i}].name")
+        for i, c in enumerate(self.constraints):
             if c.objective not in names:
-                raise ValueError(f"constraint on unknown objective {c.objective!r} (objectives: {', '.join(names)})")
-        if any(o.kind == "quality" for o in self.objectives) and self.data is None:
-            raise ValueError("a quality objective needs data: digits or a cache folder")
-        return self
+                raise ConfigError(f"unknown objective {c.objective!r} (objectives: {', '.join(names)})",
+                                  field=f"constraints[{i}].objective")
+        for i, o in enumerate(self.objectives):
+            if o.kind == "quality" and self.data is None:
+                raise ConfigError("a quality objective needs data: digits or a cache folder",
+                                  field=f"objectives[{i}]")
 
     # ---- derived -------------------------------------------------------------------------------------------
 
@@ -217,7 +227,9 @@ def load_experiment(path: str | os.PathLike, overrides: dict[str, Any] | None = 
     data = {**data, **(overrides or {})}
     data.setdefault("base_dir", str(Path(path).parent))
     try:
-        return Experiment.model_validate(data)
+        exp = Experiment.model_validate(data)
+        exp.cross_check()
+        return exp
     except ValidationError as exc:
         err = exc.errors()[0]
         field = _loc(err["loc"])
@@ -225,6 +237,8 @@ def load_experiment(path: str | os.PathLike, overrides: dict[str, Any] | None = 
         if err["type"] == "extra_forbidden":
             message = "unknown key"
         raise ConfigError(message, field=field).located(str(path), lines) from None
+    except ConfigError as exc:
+        raise exc.located(str(path), lines) from None
 
 
 def _loc(loc: tuple) -> str:

@@ -18,6 +18,7 @@ same place.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import warnings
@@ -192,6 +193,9 @@ def make_objective(exp: Experiment, evaluator: Evaluator) -> Callable[[Trial], t
             else:
                 ev = evaluator(arch)
                 values, ev_constraints, seconds = ev.values, ev.constraints, ev.seconds
+            bad = [n for n in names if not math.isfinite(values[n])]
+            if bad:
+                raise FloatingPointError(f"objective {bad[0]} is {values[bad[0]]}")
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
             raise
@@ -232,8 +236,12 @@ def run_worker(exp: Experiment, evaluator: Evaluator, storage_url: str, resume: 
         callbacks.insert(0, Evolution(exp, evaluator.space, evaluator))
     if on_trial is not None:
         callbacks.append(on_trial)
-    remaining = budget.trials - counted(study)
-    if remaining > 0:
-        study.optimize(make_objective(exp, evaluator), n_trials=remaining, timeout=budget.wall_time,
-                       catch=(Exception,), callbacks=callbacks, gc_after_trial=False)
+    # trials that do not count (a dead worker's, retried) leave budget over after n_trials: go round again
+    for _ in range(1 + exp.max_retries):
+        remaining = budget.trials - counted(study)
+        left = None if budget.wall_time is None else budget.wall_time - (time.monotonic() - start)
+        if remaining <= 0 or (left is not None and left <= 0):
+            break
+        study.optimize(make_objective(exp, evaluator), n_trials=remaining, timeout=left, catch=(Exception,),
+                       callbacks=callbacks, gc_after_trial=False)
     return study

@@ -1,0 +1,203 @@
+"""The local search: experiment validation, strategies, outputs, failures recorded, resume, workers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from nas.cli import app
+from nas.experiment import load_experiment
+from nas.report import redact
+from nas.search.objectives import Evaluation, Evaluator
+from nas.search.optuna_backend import arch_params, counted, run_worker, suggest_arch
+from search_spaces import ConfigError, UNetArch
+
+ROOT = Path(__file__).parents[1]
+runner = CliRunner()
+
+CHEAP = """name: {name}
+seed: 3
+space: digits
+objectives:
+  - {{name: params, kind: params}}
+  - {{name: macs, kind: macs, batch: 2}}
+constraints:
+  - {{objective: params, max: 350000}}
+  - {{objective: macs, max_ratio: 0.9, of: digits}}
+strategy: {{name: {strategy}, population: 4, prefilter: 4}}
+budget: {{trials: {trials}}}
+references: [digits]
+heartbeat_interval: 1
+heartbeat_grace: 3
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("strategy", ["nsga2", "tpe", "random", "evolution"])
+def test_every_strategy_runs_and_writes_the_outputs(in_tmp, strategy):
+    path = write(in_tmp, CHEAP.format(name=f"s_{strategy}", strategy=strategy, trials=14))
+    res = runner.invoke(app, ["search", str(path)])
+    assert res.exit_code == 0, res.output
+    run = in_tmp / "runs" / f"s_{strategy}"
+    for f in ("study.db", "trials.csv", "pareto.json", "pareto.png", "pareto.html", "summary.md",
+              "latency_breakdown.png", "experiment.yaml"):
+        assert (run / f).is_file(), f
+    study = optuna.load_study(study_name=f"s_{strategy}", storage=f"sqlite:///{run / 'study.db'}")
+    assert counted(study) == 14
+    pareto = json.loads((run / "pareto.json").read_text())
+    assert pareto["objectives"] == ["params", "macs"] and pareto["trials"]
+    for t in pareto["trials"]:
+        assert all(v <= 0 for v in t["constraints"].values())
+        UNetArch.from_dict(t["arch"])
+    assert "digits" in pareto["references"]
+    rows = list(csv.DictReader((run / "trials.csv").open()))
+    assert len(rows) == len(study.trials)
+    best = UNetArch.from_yaml((run / "best" / "all.yaml").read_text())
+    assert best.name == "" and len(best.down) in (2, 3)
+    assert (run / "best" / "params_le_350000.yaml").is_file()
+
+
+def test_evolution_enqueues_cost_filtered_children(in_tmp):
+    path = write(in_tmp, CHEAP.format(name="evo", strategy="evolution", trials=16))
+    assert runner.invoke(app, ["search", str(path)]).exit_code == 0
+    study = optuna.load_study(study_name="evo", storage=f"sqlite:///{in_tmp / 'runs/evo/study.db'}")
+    # trials after the first population were proposed by the strategy (enqueued), not sampled at random
+    enqueued = [t for t in study.trials if t.system_attrs.get("fixed_params")]
+    assert len(enqueued) >= 8
+
+
+def test_resume_continues_and_refuses_clashes(in_tmp):
+    path = write(in_tmp, CHEAP.format(name="res", strategy="nsga2", trials=6))
+    assert runner.invoke(app, ["search", str(path), "--resume"]).exit_code == 2  # nothing to resume yet
+    assert runner.invoke(app, ["search", str(path)]).exit_code == 0
+    clash = runner.invoke(app, ["search", str(path)])
+    assert clash.exit_code == 2 and "--resume" in clash.output
+    storage = f"sqlite:///{in_tmp / 'runs/res/study.db'}"
+    first = {t.number: t.values for t in optuna.load_study(study_name="res", storage=storage).trials}
+    path.write_text(path.read_text().replace("trials: 6", "trials: 10"))
+    assert runner.invoke(app, ["search", str(path), "--resume"]).exit_code == 0
+    study = optuna.load_study(study_name="res", storage=storage)
+    assert counted(study) == 10
+    assert all(study.trials[n].values == v for n, v in first.items())
+
+
+def test_report_regenerates_the_outputs(in_tmp):
+    path = write(in_tmp, CHEAP.format(name="rep", strategy="random", trials=5))
+    assert runner.invoke(app, ["search", str(path)]).exit_code == 0
+    run = in_tmp / "runs" / "rep"
+    before = json.loads((run / "pareto.json").read_text())
+    (run / "pareto.json").unlink()
+    (run / "summary.md").unlink()
+    res = runner.invoke(app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "pareto.json").read_text()) == before and (run / "summary.md").is_file()
+    assert runner.invoke(app, ["report", str(in_tmp / "nope")]).exit_code == 2
+
+
+def test_two_local_workers_share_the_study(in_tmp):
+    path = write(in_tmp, CHEAP.format(name="two", strategy="random", trials=12))
+    res = runner.invoke(app, ["search", str(path), "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    study = optuna.load_study(study_name="two", storage=f"sqlite:///{in_tmp / 'runs/two/study.db'}")
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    assert 12 <= counted(study) <= 13  # the budget is checked after each trial: at most one per extra worker over
+
+
+class Flaky(Evaluator):
+    """The real evaluator, but some archs raise (as a crashed proxy or an out-of-memory would) or give NaN."""
+
+    def __call__(self, arch: UNetArch) -> Evaluation:
+        if arch.mid is None:
+            raise MemoryError("CUDA out of memory (simulated by the test for archs without a mid block)")
+        ev = super().__call__(arch)
+        if len(arch.down) == 2:
+            return Evaluation({k: math.nan for k in ev.values}, ev.constraints, ev.seconds)
+        return ev
+
+
+def test_failures_are_recorded_with_their_reason_and_the_search_goes_on(in_tmp):
+    exp = load_experiment(write(in_tmp, CHEAP.format(name="flaky", strategy="random", trials=20)))
+    (in_tmp / "runs" / "flaky").mkdir(parents=True)
+    study = run_worker(exp, Flaky(exp).prepare(), exp.storage_url(), resume=False)
+    states = {s: [t for t in study.trials if t.state == s] for s in (TrialState.COMPLETE, TrialState.FAIL)}
+    assert states[TrialState.COMPLETE] and states[TrialState.FAIL]
+    reasons = [t.user_attrs.get("error", "") for t in states[TrialState.FAIL]]
+    assert any("MemoryError" in r for r in reasons)
+    assert counted(study) == 20
+    nan_failed = [t for t in states[TrialState.FAIL] if "FloatingPointError" in t.user_attrs["error"]]
+    assert nan_failed and all(len(UNetArch.from_dict(t.user_attrs["arch"]).down) == 2 for t in nan_failed)
+
+
+def test_suggest_and_enqueue_round_trip():
+    exp = load_experiment(ROOT / "experiments" / "quickstart.yaml")
+    space = Evaluator(exp).space
+    study = optuna.create_study(directions=["minimize"])
+    arch = space.sample(__import__("random").Random(4))
+    study.enqueue_trial(arch_params(space, arch))
+    trial = study.ask()
+    assert suggest_arch(space, trial) == arch
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (lambda t: t + "colour: red\n", "colour"),
+        (lambda t: t.replace("trials: 5", "trials: many"), "budget.trials"),
+        (lambda t: t.replace("objective: params, max: 350000", "objective: size, max: 3"),
+         "constraints[0].objective"),
+        (lambda t: t.replace("name: nsga2", "name: annealing"), "strategy.name"),
+        (lambda t: t.replace("kind: macs", "kind: fid"), "objectives[1].kind"),
+    ],
+)
+def test_experiment_errors_name_the_field_and_line(tmp_path, change, field):
+    path = write(tmp_path, change(CHEAP.format(name="bad", strategy="nsga2", trials=5)))
+    with pytest.raises(ConfigError) as err:
+        load_experiment(path)
+    assert err.value.field == field and err.value.line is not None and err.value.source == str(path)
+
+
+def test_impossible_and_unknown_references_are_refused(tmp_path):
+    text = CHEAP.format(name="bad", strategy="nsga2", trials=5)
+    exp = load_experiment(write(tmp_path, text.replace("max: 350000", "max: -1")))
+    with pytest.raises(ConfigError, match="cannot be met"):
+        Evaluator(exp).check()
+    exp = load_experiment(write(tmp_path, text.replace("of: digits", "of: sd99")))
+    with pytest.raises(ConfigError) as err:
+        Evaluator(exp).check()
+    assert err.value.field == "constraints[1].of"
+
+
+def test_shipped_experiments_validate():
+    for name in ("quickstart", "decidiffusion_v1", "decidiffusion_v2_ai100"):
+        exp = load_experiment(ROOT / "experiments" / f"{name}.yaml")
+        Evaluator(exp).check()
+
+
+def test_storage_urls_are_redacted(monkeypatch, tmp_path):
+    assert redact("postgresql://nas:s3cret@db.example:5432/nas") == "postgresql://nas:***@db.example:5432/nas"
+    monkeypatch.setenv("NAS_DB", "postgresql://nas:s3cret@localhost/nas")
+    text = CHEAP.format(name="env", strategy="nsga2", trials=5) + "storage: {env: NAS_DB}\n"
+    exp = load_experiment(write(tmp_path, text))
+    assert exp.storage_url() == "postgresql://nas:s3cret@localhost/nas"
+    monkeypatch.delenv("NAS_DB")
+    with pytest.raises(ConfigError, match="NAS_DB is not set"):
+        exp.storage_url()
