@@ -2,9 +2,11 @@
 
 1. Train the ``digits`` teacher on scikit-learn's digits (``proxies.data.digits_cache``).
 2. Sample ``--archs`` distinct architectures from ``search_spaces/spaces/digits.yaml``.
-3. Ground truth per arch: train from a fresh initialisation for ``--gt-steps`` steps; measure the held-out
-   denoising loss on a fixed timestep grid, and sample quality: the accuracy of a digit classifier (logistic
-   regression on the real digits) on 100 generated samples (DDIM, trailing spacing, rescaled CFG).
+3. Ground truth per arch: train for ``--gt-steps`` steps the way a found arch is trained (``--gt-init inherit``,
+   the default: the teacher's weights, BK-SDM's distillation loss) or from scratch (``fresh``); measure the
+   held-out denoising loss on the whole validation split over 20 timesteps, and sample quality: the accuracy of
+   a digit classifier (logistic regression on the real digits) on 100 generated samples (DDIM, trailing
+   spacing, rescaled CFG).
 4. Repeatability of the ground truth: retrain ``--repeat`` archs with another data-order seed; Kendall tau
    between the two runs.
 5. Every proxy on every arch, with its cost in seconds and as a fraction of one ground-truth run (training plus
@@ -35,6 +37,7 @@ from proxies.quality import QualityContext, evaluate, make_proxy
 from proxies.quality.sampling import generate
 from proxies.quality.train import train
 from search_spaces import get_arch
+from search_spaces.inherit import inherit_weights
 from search_spaces.space import SearchSpace
 
 SPACE = Path(__file__).parents[1] / "search_spaces" / "spaces" / "digits.yaml"
@@ -50,11 +53,15 @@ def sample_accuracy(model, ctx, clf, seed: int) -> float:
     return float((clf.predict(x.clamp(-1, 1).reshape(len(labels), -1).numpy()) == labels.numpy()).mean())
 
 
-def ground_truth(arch, ctx, clf, steps: int, data_seed: int) -> dict:
+def ground_truth(arch, ctx, gt_ctx, clf, steps: int, data_seed: int, init: str) -> dict:
     start = time.perf_counter()
     model = ctx.build(arch, seed=ctx.seed)
-    train(model, ctx, steps, lr=LR, seed=data_seed)
-    task_loss = evaluate(model, ctx)["task_loss"]
+    if init == "inherit":
+        inherit_weights(model, ctx.teacher)
+        train(model, ctx, steps, lr=LR / 4, seed=data_seed, teacher=ctx.teacher)
+    else:
+        train(model, ctx, steps, lr=LR, seed=data_seed)
+    task_loss = evaluate(model, gt_ctx)["task_loss"]
     seconds = time.perf_counter() - start  # training and held-out evaluation, like the proxies' own runs
     return {"task_loss": task_loss, "sample_accuracy": sample_accuracy(model, ctx, clf, 7), "seconds": seconds}
 
@@ -67,6 +74,8 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=6, help="archs retrained with another data-order seed")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--gt-init", choices=("inherit", "fresh"), default="inherit",
+                        help="ground truth trains from the teacher's weights with distillation, or from scratch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -83,6 +92,7 @@ def main() -> None:
     teacher = ctx.build(get_arch("digits"), seed=args.seed)
     train(teacher, ctx, args.teacher_steps, lr=LR, seed=args.seed)
     ctx.teacher = teacher.eval()
+    gt_ctx = QualityContext(data=data, seed=args.seed, teacher=ctx.teacher, eval_items=len(val), eval_timesteps=20)
     teacher_eval = {**evaluate(teacher, ctx), "sample_accuracy": sample_accuracy(teacher, ctx, clf, 7)}
     print(f"teacher: {teacher_eval}", flush=True)
 
@@ -102,7 +112,7 @@ def main() -> None:
                make_proxy("short_train", steps=quick, init="inherit", eval_every=quick)]
     rows = []
     for i, arch in enumerate(archs):
-        gt = ground_truth(arch, ctx, clf, args.gt_steps, data_seed=args.seed)
+        gt = ground_truth(arch, ctx, gt_ctx, clf, args.gt_steps, data_seed=args.seed, init=args.gt_init)
         cost = arch_costs(arch, batch=1, text_len=data.text.shape[1])
         row = {"arch": arch.to_dict(), "gt": gt, "params": cost.params, "macs": cost.macs, "proxies": {}}
         for proxy in proxies:
@@ -114,7 +124,8 @@ def main() -> None:
 
     repeat = []
     for arch in archs[: args.repeat]:
-        repeat.append(ground_truth(arch, ctx, clf, args.gt_steps, data_seed=args.seed + 1000)["task_loss"])
+        repeat.append(ground_truth(arch, ctx, gt_ctx, clf, args.gt_steps, data_seed=args.seed + 1000,
+                                   init=args.gt_init)["task_loss"])
     first = [r["gt"]["task_loss"] for r in rows[: args.repeat]]
     repeat_tau = float(kendalltau(first, repeat).statistic) if args.repeat > 2 else None
 
@@ -159,10 +170,12 @@ def main() -> None:
           f"{'met' if target else 'NOT met'}")
 
     suffix = "" if args.seed == 0 else f"_seed{args.seed}"
+    suffix += "" if args.gt_init == "inherit" else "_fresh_gt"
     plot = RESULTS / f"proxy_validity{suffix}.png"
     _plot(results, plot)
     path = write_result(f"proxy_validity{suffix}", {
-        "n_archs": len(rows), "seed": args.seed, "gt_steps": args.gt_steps, "teacher_steps": args.teacher_steps,
+        "n_archs": len(rows), "seed": args.seed, "gt_steps": args.gt_steps, "gt_init": args.gt_init,
+        "teacher_steps": args.teacher_steps,
         "threads": args.threads, "ground_truth_repeat_tau": repeat_tau, "ground_truth_repeat_n": args.repeat,
         "ground_truth_seconds_per_arch": gt_seconds, "digit_classifier_accuracy_on_real": clf_acc,
         "teacher": teacher_eval, "budget_rule_met": honest, "best_distill_proxy": best, "target_met": target,
