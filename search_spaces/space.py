@@ -46,8 +46,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .arch import DownStage, MidBlock, UNetArch, UpStage, check_keys, check_type
+from .arch import DownStage, MidBlock, UNetArch, UpStage
 from .errors import ConfigError
+from .schema import check_keys, check_type
 from .yamlio import read_file
 
 Accept = Callable[[UNetArch], bool]

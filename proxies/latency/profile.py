@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from search_spaces.arch import UNetArch, check_keys, check_type
+from search_spaces.arch import UNetArch
 from search_spaces.errors import ConfigError
+from search_spaces.schema import check_keys, check_type
 from search_spaces.yamlio import dump_yaml, load_validated
 
 FORMAT = "unet-nas-latency-profile/1"

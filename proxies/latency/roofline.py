@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from search_spaces.arch import UNetArch, check_keys, check_type
+from search_spaces.arch import UNetArch
 from search_spaces.errors import ConfigError
+from search_spaces.schema import check_keys, check_type
 from search_spaces.yamlio import dump_yaml, load_validated
 
 from .blocks import block_key
