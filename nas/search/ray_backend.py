@@ -1,0 +1,392 @@
+"""The cluster search: Ray Tune runs the trials, Optuna (through Ray's ``OptunaSearch``) suggests them.
+
+The Optuna study stays the single source of truth, exactly as with the local backend: ``OptunaSearch`` is given
+the experiment's storage and study name, so every trial lands in ``runs/<name>/study.db`` (or ``--storage``)
+with the same parameters and user attributes (``arch``, ``arch_summary``, ``constraints``, ``feasible``,
+``seconds``, ``error``, ``duplicate_of``) and ``unet-nas report`` works unchanged.
+
+How it fits together (all storage writes happen on the driver, so only the driver needs the storage):
+
+* ``_DefineByRun`` is the define-by-run space: one ``suggest_categorical`` per applicable decision
+  (``suggest_arch``); it returns the decoded arch and the Optuna trial id as constants in the Tune config, so a
+  worker needs neither the space nor the study. A re-suggested arch carries its earlier values instead.
+* ``_trainable`` runs on a worker with ``tune.with_resources`` (CPUs, GPUs, fractions allowed). It reports the
+  objective values, the constraint values (JSON) and ``nas_final``; a short_train proxy also reports its
+  held-out loss every ``eval_every`` steps (``nas_step``) for ASHA.
+* ``_StudySearch`` (an ``OptunaSearch``) sets the user attributes and ``trial.set_constraint`` before telling
+  Optuna, so constraints reach NSGA-II/TPE as in the local backend. A trial that ASHA (or the wall time)
+  stopped before its final report is told PRUNED, with ``stopped_at`` = the last step reported.
+* ``_StudyCallback`` records errors: Ray calls the searcher's ``on_trial_complete(error=True)`` without the
+  exception, and plain ``OptunaSearch`` would tell FAIL with no reason (after which Optuna refuses new user
+  attributes). So the searcher leaves an errored trial RUNNING and the callback, which Ray calls right after
+  with the ``Trial`` object, writes ``error`` (the exception's type and message) and then FAIL.
+
+Known limits (also in docs/ray.md):
+
+* Optuna heartbeats do not apply: trials are created by ``study.ask()`` on the driver and no heartbeat thread
+  runs. A lost worker or node is handled by Ray instead: ``FailureConfig(max_failures)`` restarts the trial
+  (from scratch: trials do not checkpoint). Ray retries every failure, so a trial that raises
+  deterministically runs ``1 + max_failures`` times before it is recorded FAIL.
+* ASHA is single-metric: with several objectives it stops trials on the quality objective (the short_train
+  held-out loss) alone, however good their latency or size. Stopped trials are PRUNED, not COMPLETE, so a
+  half-trained loss never enters the Pareto front.
+* ``OptunaSearch`` ignores intermediate results for multi-objective studies (Optuna has no multi-objective
+  ``report``/pruning) and uses Optuna's ``NopPruner``: early stopping is ASHA's job only. It has no constraint
+  support of its own; constraints work because this module sets them on the trial before ``tell``.
+* One Ray driver per study. ``--resume`` restores the latest Ray experiment under ``runs/<name>/ray/``
+  (``Tuner.restore``: unfinished trials restart, errored ones stay FAIL), then starts a new Tune run for the
+  budget still left. Optuna trials the killed driver had asked but Ray had not checkpointed are marked FAIL
+  without ``error`` (not counted against the budget, like a dead worker's trial in the local backend).
+* Every node must see the repository and the run folder at the same absolute path (a shared filesystem), as
+  workers load the teacher and latency profile the driver prepared there. Ray pickles the searcher into
+  ``runs/<name>/ray/``, storage URL included: pass a password through ``storage: {env: VAR}`` and keep that
+  folder private.
+* The wall-time budget stops running trials (they become PRUNED); the local backend lets the last trial finish.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
+
+from nas.experiment import Experiment
+from search_spaces import ConfigError, UNetArch
+from search_spaces.space import SearchSpace
+from search_spaces.yamlio import dump_yaml
+
+from .objectives import Evaluator
+from .optuna_backend import Evolution, _same_arch, counted, make_sampler, open_study, suggest_arch
+
+# Driver-side objects (evaluator, storage, log) per experiment name. Ray pickles the searcher and callbacks
+# into its experiment state for Tuner.restore, so they look these up by name instead of holding them.
+_DRIVER: dict[str, dict[str, Any]] = {}
+# One prepared Evaluator per worker process and experiment (Ray reuses actors between trials).
+_WORKER: dict[str, Evaluator] = {}
+
+
+# ---- driver -----------------------------------------------------------------------------------------------------
+
+
+def run_ray(exp: Experiment, file: str | Path, storage_url: str, resume: bool,
+            log: Callable[[str], Any] = print) -> optuna.Study:
+    """Run the experiment's search on Ray (joining ``ray.address`` or starting Ray on 127.0.0.1) and return the
+    Optuna study holding its trials."""
+    import ray
+    from ray import tune
+
+    quality = _asha_objective(exp)
+    exp = exp.model_copy(update={"output_dir": str(Path(exp.output_dir).resolve()),
+                                 "base_dir": str(Path(exp.base_dir).resolve())})  # workers run elsewhere
+    evaluator = Evaluator(exp, log=log).prepare()  # teacher and profile once, before any worker needs them
+    storage = _storage(storage_url)
+    study = open_study(exp, storage, resume)
+    _save_experiment(exp)
+    ray_dir = exp.run_dir / "ray"
+    started = time.monotonic()
+    _connect(exp, log)
+    _DRIVER[exp.name] = {"evaluator": evaluator, "storage": storage, "log": log,
+                         "evolution": Evolution(exp, evaluator.space, evaluator)
+                         if exp.strategy.name == "evolution" else None}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, exp_data=exp.model_dump()),
+                                    {"cpu": exp.ray.cpus_per_trial, "gpu": exp.ray.gpus_per_trial})
+    try:
+        previous = sorted(p for p in ray_dir.glob("search_*") if tune.Tuner.can_restore(p)) if ray_dir.is_dir() \
+            else []
+        if resume and previous:
+            log(f"restoring the Ray experiment {previous[-1]}")
+            tune.Tuner.restore(str(previous[-1]), trainable=trainable, resume_unfinished=True,
+                               resume_errored=False, restart_errored=False).fit()
+        if resume:
+            _fail_orphans(study, started)
+        remaining = exp.budget.trials - counted(study)
+        left = None if exp.budget.wall_time is None else exp.budget.wall_time - (time.monotonic() - started)
+        if remaining > 0 and (left is None or left > 0):
+            log(f"Ray: {remaining} trials, {exp.ray.cpus_per_trial:g} CPU / {exp.ray.gpus_per_trial:g} GPU each, "
+                f"at most {exp.ray.max_concurrent} at once" + (f", ASHA on {quality}" if quality else ""))
+            _tuner(exp, evaluator, storage, trainable, ray_dir, f"search_{len(previous):03d}", remaining, left,
+                   quality).fit()
+    finally:
+        _DRIVER.pop(exp.name, None)
+        ray.shutdown()
+    return optuna.load_study(study_name=exp.name, storage=storage)
+
+
+def _asha_objective(exp: Experiment) -> str | None:
+    """The objective ASHA stops on (the short_train quality objective), or None without ``ray.asha``."""
+    if exp.ray.asha is None:
+        return None
+    short = [o.name for o in exp.objectives if o.kind == "quality" and o.proxy == "short_train"]
+    if not short:
+        raise ConfigError("ASHA needs a quality objective with proxy: short_train (it stops trials on that "
+                          "proxy's held-out loss)", field="ray.asha")
+    return short[0]
+
+
+def _storage(url: str) -> RDBStorage:
+    """The study's storage, without heartbeats: nothing under Ray would send them (see the module docstring)."""
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs)
+    except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
+        from nas.report import redact
+
+        raise ConfigError(f"cannot open storage {redact(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                          field="storage") from None
+
+
+def _save_experiment(exp: Experiment) -> None:
+    """``runs/<name>/experiment.yaml``, which ``unet-nas report`` reads (as the local backend's CLI writes it)."""
+    from nas.report import atomic_write, redact
+
+    saved = exp.model_dump()
+    if isinstance(saved.get("storage"), str):
+        saved["storage"] = redact(saved["storage"])
+    atomic_write(exp.run_dir / "experiment.yaml", dump_yaml(saved))
+
+
+def _connect(exp: Experiment, log: Callable[[str], Any]) -> None:
+    """Join the cluster at ``ray.address``, or start a private local Ray bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        if exp.ray.address is None:
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                     configure_logging=False, log_to_driver=False)
+        else:
+            ray.init(address=exp.ray.address, configure_logging=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot reach Ray at {exp.ray.address}: {str(exc).splitlines()[0]}",
+                          field="ray.address") from None
+    cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
+    log(f"Ray cluster: {len(ray.nodes())} node(s), {cpus:g} CPUs, {gpus:g} GPUs")
+    if exp.ray.cpus_per_trial > cpus or exp.ray.gpus_per_trial > gpus:
+        raise ConfigError(f"a trial needs {exp.ray.cpus_per_trial:g} CPU / {exp.ray.gpus_per_trial:g} GPU but the "
+                          f"cluster has {cpus:g} / {gpus:g}", field="ray.cpus_per_trial"
+                          if exp.ray.cpus_per_trial > cpus else "ray.gpus_per_trial")
+
+
+def _tuner(exp: Experiment, evaluator: Evaluator, storage: RDBStorage, trainable: Any, ray_dir: Path, name: str,
+           samples: int, wall_time: float | None, quality: str | None) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    names = [o.name for o in exp.objectives]
+    multi = len(names) > 1
+    searcher = _StudySearch(_DefineByRun(evaluator.space), metric=names if multi else names[0],
+                            mode=["min"] * len(names) if multi else "min", sampler=make_sampler(exp),
+                            study_name=exp.name, storage=storage, nas_name=exp.name, nas_objectives=names)
+    scheduler = None
+    if quality is not None:
+        proxy = evaluator._proxies[quality]
+        scheduler = ASHAScheduler(time_attr="nas_step", metric=quality, mode="min", max_t=proxy.steps,
+                                  grace_period=exp.ray.asha.grace_period,
+                                  reduction_factor=exp.ray.asha.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
+                                    max_concurrent_trials=exp.ray.max_concurrent, time_budget_s=wall_time,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=name, storage_path=str(ray_dir), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=exp.ray.max_failures),
+                                  callbacks=[_StudyCallback(exp.name, exp.budget.trials)]),
+    )
+
+
+def _trial_name(trial: Any) -> str:
+    """Short trial folder names (the default embeds every parameter and the arch)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _fail_orphans(study: optuna.Study, since: float) -> None:
+    """Trials a killed driver had asked for but Ray never checkpointed stay RUNNING: mark them FAIL, without
+    ``error``, so they do not use up the budget (``counted``) and the report says the worker was lost."""
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.datetime_start is not None and t.datetime_start.timestamp() < time.time() - (time.monotonic() - since):
+            storage.set_trial_user_attr(t._trial_id, "lost", "its Ray driver stopped before the trial finished")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+# ---- searcher and callback (driver side, pickled by Ray) --------------------------------------------------------
+
+
+class _DefineByRun:
+    """The define-by-run space for OptunaSearch. Returns constants merged into the Tune config: the arch, the
+    Optuna trial id, and for a re-suggested arch its earlier values (a worker then reports them unchanged)."""
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        arch = suggest_arch(self.space, trial)
+        trial.set_user_attr("arch", arch.to_dict())
+        trial.set_user_attr("arch_summary", str(arch).split("(", 1)[1].rstrip(")"))
+        nas: dict[str, Any] = {"arch": arch.to_dict(), "optuna_trial_id": trial._trial_id, "duplicate": None}
+        previous = _same_arch(trial.ot_trial)
+        if previous is not None:
+            nas["duplicate"] = {"of": previous.number, "values": list(previous.values),
+                                "constraints": previous.user_attrs.get("constraints", {})}
+        return {"nas": nas}
+
+
+class _StudySearch(OptunaSearch):
+    """OptunaSearch that writes what the local backend writes before telling Optuna (see module docstring)."""
+
+    def __init__(self, *args: Any, nas_name: str, nas_objectives: list[str], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.nas_name, self.nas_objectives = nas_name, nas_objectives
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        self._completed_trials.add(trial_id)
+        if error:
+            return  # _StudyCallback.on_trial_error records the reason, then FAIL
+        ot_trial = self._ot_trials[trial_id]
+        try:
+            if result and result.get("nas_final"):
+                constraints = json.loads(result["nas_constraints"])
+                ot_trial.set_user_attr("constraints", constraints)
+                for label, value in constraints.items():
+                    ot_trial.set_constraint(label, float(value))  # <= 0 is feasible, as in the local backend
+                ot_trial.set_user_attr("feasible", all(v <= 0 for v in constraints.values()))
+                ot_trial.set_user_attr("seconds", float(result.get("nas_seconds", 0.0)))
+                if result.get("nas_duplicate_of") is not None:
+                    ot_trial.set_user_attr("duplicate_of", int(result["nas_duplicate_of"]))
+                values = [float(result[m]) for m in self.nas_objectives]
+                self._ot_study.tell(ot_trial, values if len(values) > 1 else values[0])
+            else:  # stopped by ASHA or the wall time before its final report
+                if result and result.get("nas_step") is not None:
+                    ot_trial.set_user_attr("stopped_at", int(result["nas_step"]))
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError) as exc:
+            # e.g. a trial already told before a driver crash and re-run after Tuner.restore
+            warnings.warn(f"trial {ot_trial.number} not recorded again: {exc}", stacklevel=1)
+            return
+        evolution = _DRIVER.get(self.nas_name, {}).get("evolution")
+        if evolution is not None:  # enqueue a cost-prefiltered child; study.ask() takes enqueued trials first
+            evolution(self._ot_study, self._ot_study._storage.get_trial(ot_trial._trial_id))
+
+
+class _StudyCallback(Callback):
+    """Records an errored trial's reason in the study (then FAIL), and logs progress."""
+
+    def __init__(self, name: str, budget: int):
+        self.name, self.budget = name, budget
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        driver = _DRIVER.get(self.name)
+        if driver is None:
+            return
+        storage: RDBStorage = driver["storage"]
+        tid = trial.config["nas"]["optuna_trial_id"]
+        reason = _reason(trial)
+        try:
+            storage.set_trial_user_attr(tid, "error", reason[:500])
+            storage.set_trial_state_values(tid, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+        driver["log"](f"trial {storage.get_trial_number_from_id(tid)} FAIL after "
+                      f"{trial.run_metadata.num_failures} attempt(s): {reason}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        driver = _DRIVER.get(self.name)
+        if driver is None:
+            return
+        storage: RDBStorage = driver["storage"]
+        t = storage.get_trial(trial.config["nas"]["optuna_trial_id"])
+        values = ", ".join(f"{v:.4g}" for v in t.values) if t.values else ""
+        driver["log"](f"trial {t.number} {t.state.name} {values}".rstrip())
+
+
+def _reason(trial: Any) -> str:
+    """The trial's exception as ``Type: message`` (Ray wraps it in RayTaskError)."""
+    try:
+        exc = trial.get_pickled_error()
+    except Exception:  # an unpicklable exception: fall back to the text file
+        exc = None
+    if exc is not None:
+        cause = getattr(exc, "cause", None) or exc
+        return f"{type(cause).__name__}: {cause}".strip()
+    text = (trial.get_error() or "unknown error").strip().splitlines()
+    return text[-1] if text else "unknown error"
+
+
+# ---- worker -----------------------------------------------------------------------------------------------------
+
+
+def _trainable(config: dict[str, Any], exp_data: dict[str, Any]) -> None:
+    """One trial on a worker: score the arch and report; raises (so Ray records an error) on any failure."""
+    from ray import tune
+
+    exp = Experiment.model_validate(exp_data)
+    names = [o.name for o in exp.objectives]
+    nas = config["nas"]
+    if nas["duplicate"] is not None:
+        dup = nas["duplicate"]
+        tune.report({**dict(zip(names, dup["values"], strict=True)), "nas_final": True, "nas_seconds": 0.0,
+                     "nas_constraints": json.dumps(dup["constraints"]), "nas_duplicate_of": dup["of"],
+                     "nas_step": _max_step(exp)})
+        return
+    evaluator = _worker_evaluator(exp)
+    values, constraints, seconds = _evaluate(exp, evaluator, UNetArch.from_dict(nas["arch"]))
+    tune.report({**values, "nas_final": True, "nas_seconds": seconds, "nas_constraints": json.dumps(constraints),
+                 "nas_step": _max_step(exp)})
+
+
+def _max_step(exp: Experiment) -> int:
+    """The short_train proxy's step count (ASHA's max_t), 1 otherwise."""
+    for o in exp.objectives:
+        if o.kind == "quality" and o.proxy == "short_train":
+            return int(o.options.get("steps", 50))
+    return 1
+
+
+def _worker_evaluator(exp: Experiment) -> Evaluator:
+    import torch
+
+    key = f"{exp.run_dir}:{exp.name}"
+    if key not in _WORKER:
+        torch.set_num_threads(max(1, int(exp.ray.cpus_per_trial)))
+        _WORKER[key] = Evaluator(exp).prepare()  # loads the teacher and profile the driver saved
+    return _WORKER[key]
+
+
+def _evaluate(exp: Experiment, evaluator: Evaluator, arch: UNetArch) -> tuple[dict[str, float], dict[str, float],
+                                                                           float]:
+    """``Evaluator.__call__`` plus the proxy's ``report(step, value)`` hook wired to ``tune.report`` when ASHA
+    is on (Evaluator itself takes no report callback)."""
+    from ray import tune
+
+    start = time.perf_counter()
+    values = evaluator.objectives(arch, cheap_only=True)
+    for obj in exp.objectives:
+        if obj.kind != "quality":
+            continue
+        proxy = evaluator._proxies[obj.name]
+        report = None
+        if exp.ray.asha is not None and obj.proxy == "short_train":
+            def report(step: int, value: float, _name: str = obj.name, _last: int = proxy.steps) -> bool:
+                if step < _last:  # at the last step ASHA (max_t) would stop the trial before its final report
+                    tune.report({**values, _name: float(value), "nas_step": step})
+                return False  # ASHA stops the trial from the driver; the proxy never stops itself
+
+        values[obj.name] = float(proxy(arch, evaluator._ctx, report).score)
+    values = {o.name: values[o.name] for o in exp.objectives}
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"objective {bad[0]} is {values[bad[0]]}")
+    return values, evaluator.constraint_values(values), time.perf_counter() - start

@@ -1,0 +1,190 @@
+"""The Ray Tune backend on a real two-node Ray cluster on loopback, driven through the real CLI.
+
+The cluster (two ``ray start`` nodes of one CPU each, private temp dir) is started once for the module and
+stopped with ``ray stop --force``. If Ray cannot start, the fixture fails with Ray's output: no silent skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from nas.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = ROOT / "search_spaces" / "spaces" / "digits.yaml"
+RAY = Path(sys.executable).with_name("ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(RAY), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node and a worker node on 127.0.0.1, one CPU each; yields the address ``127.0.0.1:port``."""
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    # token authentication with a token of our own, given to both nodes and to the driver (this process)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    head = _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
+                "--include-dashboard", "false", "--temp-dir", str(temp), "--disable-usage-stats", env=env)
+    try:
+        if head.returncode != 0:
+            pytest.fail(f"cannot start the Ray head node:\n{head.stdout}\n{head.stderr}")
+        worker = _ray("start", "--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                      "--disable-usage-stats", env=env)
+        if worker.returncode != 0:
+            pytest.fail(f"cannot start the second Ray node:\n{worker.stdout}\n{worker.stderr}")
+        yield address
+    finally:
+        _ray("stop", "--force", env=env)
+        shutil.rmtree(temp, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _experiment(tmp_path: Path, name: str, address: str, **fields) -> Path:
+    exp = {"name": name, "seed": 0, "space": str(SPACE), "backend": "ray", "output_dir": str(tmp_path / "runs"),
+           "references": ["digits"], "strategy": {"name": "nsga2", "population": 4},
+           "ray": {"address": address, "cpus_per_trial": 1, "max_concurrent": 2, "max_failures": 1}, **fields}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+def _search(*args: str):
+    result = CliRunner().invoke(app, ["search", *args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def _study(tmp_path: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'runs' / name / 'study.db'}")
+
+
+def test_cli_search_on_two_nodes_writes_the_local_outputs_and_resumes(cluster, tmp_path):
+    cheap = {"objectives": [{"name": "params", "kind": "params"},
+                            {"name": "macs", "kind": "macs", "resolution": 8, "batch": 1, "text_len": 8}],
+             "constraints": [{"objective": "params", "max": 400000}], "budget": {"trials": 4, "wall_time": 120}}
+    path = _experiment(tmp_path, "cheap", cluster, **cheap)
+    out = _search(str(path)).output
+    assert "2 node(s), 2 CPUs" in out
+
+    run = tmp_path / "runs" / "cheap"
+    for name in ("pareto.json", "trials.csv", "summary.md", "pareto.png", "experiment.yaml", "study.db"):
+        assert (run / name).is_file(), name
+    assert (run / "best" / "all.yaml").is_file() and (run / "best" / "params_le_400000.yaml").is_file()
+    assert (run / "ray" / "search_000").is_dir()
+    pareto = json.loads((run / "pareto.json").read_text())
+    assert pareto["objectives"] == ["params", "macs"] and pareto["trials"]
+    assert "backend: ray" in (run / "summary.md").read_text()
+
+    study = _study(tmp_path, "cheap")
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:  # what the local backend writes
+        assert {"arch", "arch_summary", "constraints", "feasible", "seconds"} <= set(t.user_attrs)
+        assert t.system_attrs["constraints:params_le_400000"] == pytest.approx(t.values[0] - 400000)
+        assert t.user_attrs["feasible"] == (t.values[0] <= 400000)
+    assert study.metric_names == ["params", "macs"]
+    first = {t.number: t.values for t in trials}
+
+    # a larger budget and --resume: the same study goes on, earlier trials untouched, a new Tune run under ray/
+    data = yaml.safe_load(path.read_text())
+    data["budget"]["trials"] = 6
+    path.write_text(yaml.safe_dump(data))
+    _search(str(path), "--resume")
+    trials = _study(tmp_path, "cheap").get_trials()
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert {t.number: t.values for t in trials if t.number in first} == first
+    assert (run / "ray" / "search_001").is_dir()
+    rows = (run / "trials.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 6
+
+    # resuming a finished search runs nothing more; a fresh start on an existing study is refused
+    _search(str(path), "--resume")
+    assert len(_study(tmp_path, "cheap").get_trials()) == 6
+    result = CliRunner().invoke(app, ["search", str(path)])
+    assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_asha_stops_short_train_trials_early(cluster, tmp_path):
+    exp = {"data": "digits", "budget": {"trials": 6, "wall_time": 150},
+           "objectives": [{"name": "quality", "kind": "quality", "proxy": "short_train",
+                           "options": {"steps": 8, "eval_every": 2, "lr": 2e-3}},
+                          {"name": "params", "kind": "params"}]}
+    path = _experiment(tmp_path, "asha", cluster, **exp)
+    data = yaml.safe_load(path.read_text())
+    data["ray"]["asha"] = {"grace_period": 2, "reduction_factor": 2}
+    path.write_text(yaml.safe_dump(data))
+    _search(str(path))
+    trials = _study(tmp_path, "asha").get_trials()
+    assert len(trials) == 6
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert pruned, [t.state for t in trials]
+    assert complete
+    assert all(t.user_attrs["stopped_at"] < 8 for t in pruned)
+    assert all("arch" in t.user_attrs for t in trials)
+    pareto = json.loads((tmp_path / "runs" / "asha" / "pareto.json").read_text())
+    assert {p["number"] for p in pareto["trials"]} <= {t.number for t in complete}  # no half-trained loss
+
+
+def test_a_diverging_trial_errors_in_ray_and_is_fail_with_its_reason(cluster, tmp_path):
+    # lr 1e30: AdamW's first step makes the weights ~1e30, the next loss is not finite and train() raises
+    exp = {"data": "digits", "budget": {"trials": 2, "wall_time": 120},
+           "objectives": [{"name": "quality", "kind": "quality", "proxy": "short_train",
+                           "options": {"steps": 3, "lr": 1e30, "eval_every": 0}},
+                          {"name": "params", "kind": "params"}]}
+    path = _experiment(tmp_path, "diverge", cluster, **exp)
+    out = _search(str(path)).output
+    assert "after 2 attempt(s)" in out  # FailureConfig(max_failures=1): one retry, then ERROR
+    trials = _study(tmp_path, "diverge").get_trials()
+    assert len(trials) == 2 and all(t.state == TrialState.FAIL for t in trials)
+    for t in trials:
+        assert t.user_attrs["error"].startswith("FloatingPointError: training loss became")
+    summary = (tmp_path / "runs" / "diverge" / "summary.md").read_text()
+    assert "## Failed trials" in summary and "FloatingPointError" in summary
+    results = list((tmp_path / "runs" / "diverge" / "ray" / "search_000").glob("trial_*/error.txt"))
+    assert len(results) == 2  # errored Ray trials
+
+
+def test_asha_without_short_train_is_one_config_error(tmp_path):
+    exp = {"name": "bad", "space": str(SPACE), "backend": "ray", "output_dir": str(tmp_path / "runs"),
+           "objectives": [{"name": "params", "kind": "params"}], "budget": {"trials": 2},
+           "ray": {"asha": {"grace_period": 2}}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    result = CliRunner().invoke(app, ["search", str(path)])
+    assert result.exit_code == 2
+    assert "ray.asha" in result.output and "short_train" in result.output
+    path.write_text(yaml.safe_dump({**exp, "ray": {"asha": {"grace_period": 2, "brackets": 3}}}))
+    result = CliRunner().invoke(app, ["search", str(path)])
+    assert result.exit_code == 2 and "ray.asha.brackets" in result.output
