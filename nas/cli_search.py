@@ -14,7 +14,7 @@ from nas.cli import app, console, fail, user_errors
 from nas.experiment import Experiment, load_experiment
 from nas.report import atomic_write, redact, write_report
 from search_spaces import ConfigError
-from search_spaces.yamlio import dump_yaml
+from search_spaces.yamlio import dump_yaml, read_file
 
 
 def _breakdowns(exp: Experiment, evaluator: Any) -> Any:
@@ -36,6 +36,11 @@ def _worker(path: str, storage_url: str) -> None:
     run_worker(exp, Evaluator(exp).prepare(), storage_url, resume=True)
 
 
+def _in_file(exc: ConfigError, file: Path) -> ConfigError:
+    """A problem found after loading (storage, space, reference archs), located in the file like a schema error."""
+    return exc if exc.source else exc.located(str(file), read_file(file)[1])
+
+
 @app.command("search")
 @user_errors
 def search(
@@ -47,10 +52,16 @@ def search(
 ) -> None:
     """Run an architecture search; results land in runs/<name>/ (or the file's output_dir)."""
     exp = load_experiment(file)
-    storage_url = exp.storage_url(storage)
+    try:
+        storage_url = exp.storage_url(storage)
+    except ConfigError as exc:
+        raise _in_file(exc, file) from None
     from nas.search.objectives import Evaluator
 
-    evaluator = Evaluator(exp, log=lambda m: console.print(f"[dim]{m}[/]")).check()
+    try:
+        evaluator = Evaluator(exp, log=lambda m: console.print(f"[dim]{m}[/]")).check()
+    except ConfigError as exc:
+        raise _in_file(exc, file) from None
     if exp.backend == "ray":
         from nas.search.ray_backend import run_ray
 
@@ -61,8 +72,16 @@ def search(
 
     from nas.search.optuna_backend import counted, make_storage, open_study, run_worker
 
+    # nothing is written before the storage has opened: a bad URL or nothing to resume leaves no run folder
+    if storage is None and exp.storage is None:  # the default SQLite study lives in the run folder
+        if resume and not (exp.run_dir / "study.db").is_file():
+            raise ConfigError(f"nothing to resume: {exp.run_dir / 'study.db'} does not exist", field="name")
+        exp.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        study = open_study(exp, make_storage(storage_url, exp), resume)
+    except ConfigError as exc:
+        raise (exc if storage is not None else _in_file(exc, file)) from None
     exp.run_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(exp, make_storage(storage_url, exp), resume)
     saved = exp.model_dump()
     saved["base_dir"] = str(Path(exp.base_dir).resolve())  # so `unet-nas report` finds the same relative files
     if isinstance(saved.get("storage"), str):

@@ -180,6 +180,9 @@ class Experiment(_Strict):
             if c.objective not in names:
                 raise ConfigError(f"unknown objective {c.objective!r} (objectives: {', '.join(names)})",
                                   field=f"constraints[{i}].objective")
+        if self.heartbeat_grace <= self.heartbeat_interval:  # else live trials would be failed as stale
+            raise ConfigError(f"must be longer than heartbeat_interval ({self.heartbeat_interval} s)",
+                              field="heartbeat_grace")
         for i, o in enumerate(self.objectives):
             if o.kind == "quality" and self.data is None:
                 raise ConfigError("a quality objective needs data: digits or a cache folder",

@@ -18,8 +18,11 @@ same place.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import random
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -63,7 +66,21 @@ def arch_params(space: SearchSpace, arch: UNetArch) -> dict[str, Any]:
 # ---- storage and study -----------------------------------------------------------------------------------------
 
 
+def with_driver(url: str) -> str:
+    """A ``postgresql://`` URL without a driver, pointed at the installed one. SQLAlchemy 2.1 maps a bare
+    ``postgresql://`` to psycopg 3, while the ``postgres`` extra installs psycopg2: without this, the URL every
+    PostgreSQL guide shows would fail with an ImportError although a working driver is installed."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    for module in ("psycopg", "psycopg2"):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{module}://{rest}"
+    return url
+
+
 def make_storage(url: str, exp: Experiment) -> RDBStorage:
+    url = with_driver(url)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several local workers share one file
@@ -76,8 +93,9 @@ def make_storage(url: str, exp: Experiment) -> RDBStorage:
     except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
         from nas.report import redact
 
-        raise ConfigError(f"cannot open storage {redact(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-                          field="storage") from None
+        hint = " (install a driver: pip install 'unet-nas[postgres]')" if isinstance(exc, ImportError) else ""
+        raise ConfigError(f"cannot open storage {redact(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                          f"{hint}", field="storage") from None
 
 
 def make_sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
@@ -181,6 +199,8 @@ def make_objective(exp: Experiment, evaluator: Evaluator) -> Callable[[Trial], t
 
     def objective(trial: Trial) -> tuple[float, ...]:
         arch = suggest_arch(evaluator.space, trial)
+        # which process ran it: with several workers or hosts, a lost or doubled trial can be traced
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("arch_summary", str(arch).split("(", 1)[1].rstrip(")"))
         previous = _same_arch(trial)
