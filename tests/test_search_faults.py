@@ -1,0 +1,380 @@
+"""Fault tolerance of the local search, with real processes and real databases.
+
+* ``kill -9`` of a search in the middle of a trial, then ``--resume``: finished trials survive unchanged, the
+  killed trial is failed by its stale heartbeat and its arch retried, and the budget is met exactly.
+* Two worker processes on one study in a throwaway PostgreSQL server on 127.0.0.1: every evaluation lands in
+  exactly one trial, and the password (given through an environment variable) is written nowhere.
+* Broken experiment files: exit code 2, one line naming the field and line, and no run folder.
+
+The PostgreSQL tests fail (they do not skip) when no server binaries can be found: ``.ci/run`` installs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from nas.cli import app
+from nas.search.optuna_backend import counted, with_driver
+
+runner = CliRunner()
+
+# a proxy that takes seconds per trial (a kill lands inside one), an objective that is free
+SLOW = """name: {name}
+seed: 1
+space: digits
+data: digits
+objectives:
+  - {{name: quality, kind: quality, proxy: short_train, options: {{steps: 1}}}}
+  - {{name: params, kind: params}}
+strategy: {{name: {strategy}, population: 4}}
+budget: {{trials: {trials}}}
+heartbeat_interval: 1
+heartbeat_grace: 2
+max_retries: 2
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The worker processes' environment: one thread each (the CPU is shared), plus ``extra``."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+
+
+def _sqlite_states(db: Path, study: str) -> dict[int, str]:
+    """Trial number -> state, read straight from the SQLite file (read-only; no Optuna, no schema check). A
+    running trial that has its arch (all parameters suggested: the proxy is running) reads EVALUATING."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute(
+            "SELECT t.number, CASE WHEN t.state = 'RUNNING' AND EXISTS (SELECT 1 FROM trial_user_attributes a "
+            "WHERE a.trial_id = t.trial_id AND a.key = 'arch') THEN 'EVALUATING' ELSE t.state END "
+            "FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = ?", (study,)).fetchall()
+    except sqlite3.OperationalError:  # the worker has not created the tables yet
+        rows = []
+    finally:
+        con.close()
+    return dict(rows)
+
+
+# ---- kill -9, then --resume ------------------------------------------------------------------------------------
+
+
+def test_kill_9_then_resume_keeps_finished_trials_retries_the_killed_one_and_meets_the_budget(tmp_path):
+    budget = 4
+    path = tmp_path / "exp.yaml"
+    path.write_text(SLOW.format(name="killed", strategy="nsga2", trials=budget))
+    db = tmp_path / "runs" / "killed" / "study.db"
+    cmd = [sys.executable, "-m", "nas", "search", str(path)]
+    out = tmp_path / "first.log"
+    with open(out, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 150
+        while True:  # wait for two finished trials and a third one in the middle of its evaluation
+            assert proc.poll() is None, f"the search ended before it could be killed:\n{out.read_text()}"
+            assert time.monotonic() < deadline, "no trial was running after two finished ones within 150 s"
+            states = _sqlite_states(db, "killed") if db.is_file() else {}
+            if sum(s == "COMPLETE" for s in states.values()) >= 2 and "EVALUATING" in states.values():
+                break
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    storage = f"sqlite:///{db}"
+    before = optuna.load_study(study_name="killed", storage=storage)
+    finished = {t.number: (t.values, t.params) for t in before.trials if t.state == TrialState.COMPLETE}
+    running = [t for t in before.trials if t.state == TrialState.RUNNING]
+    assert len(finished) >= 2 and len(running) == 1, [t.state for t in before.trials]
+    killed = running[0]
+    assert "arch" in killed.user_attrs and "seconds" not in killed.user_attrs  # killed while evaluating
+
+    time.sleep(2 + 1)  # heartbeat_grace, plus one heartbeat_interval: the dead worker's trial is now stale
+    res = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    after = optuna.load_study(study_name="killed", storage=storage)
+    trials = {t.number: t for t in after.trials}
+    for number, (values, params) in finished.items():  # every trial finished before the kill, unchanged
+        assert trials[number].state == TrialState.COMPLETE
+        assert (trials[number].values, trials[number].params) == (values, params)
+    dead = trials[killed.number]
+    assert dead.state == TrialState.FAIL and "error" not in dead.user_attrs  # failed by its stale heartbeat
+    retries = [t for t in after.trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1 and retries[0].params == killed.params  # the same arch, run again
+    assert retries[0].state == TrialState.COMPLETE and retries[0].user_attrs["arch"] == killed.user_attrs["arch"]
+    # the budget: one worker, so exactly budget.trials count; the dead worker's trial is not one of them
+    assert counted(after) == budget
+    assert sum(t.state == TrialState.COMPLETE for t in after.trials) == budget
+    assert len(after.trials) == budget + 1
+    rows = (tmp_path / "runs" / "killed" / "trials.csv").read_text().splitlines()
+    assert len(rows) == 1 + budget + 1 and f"{killed.number},FAIL" in "\n".join(rows)
+
+
+# ---- PostgreSQL ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Postgres:
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{self.database}"
+
+
+def _pg_bin() -> Path:
+    """The folder holding initdb and pg_ctl: on PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which("initdb")
+    candidates = [Path(os.path.realpath(found)).parent] if found else []
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
+                      key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
+    for folder in [*candidates, *versions]:
+        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
+            return folder
+    pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin: "
+                "install Debian's postgresql package (.ci/run does this on a clean machine)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL server on 127.0.0.1 and a free port, with a password-protected user and database.
+    PostgreSQL refuses to run as root, so as root the server runs as the ``postgres`` (or ``nobody``) user."""
+    try:
+        import psycopg2
+    except ImportError:
+        pytest.fail("psycopg2 is not installed: pip install -e '.[test]' (or '.[postgres]')")
+    bin_dir = _pg_bin()
+    base = Path(tempfile.mkdtemp(prefix="unet-nas-pg-"))  # not under pytest's tmp_path: that is private to root
+    as_user: dict = {}
+    if os.geteuid() == 0:
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            account = pwd.getpwnam("nobody")
+        os.chown(base, account.pw_uid, account.pw_gid)
+        as_user = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+    admin_password = secrets.token_hex(12)
+    (base / "pw").write_text(admin_password + "\n")
+    if as_user:
+        os.chown(base / "pw", as_user["user"], as_user["group"])
+    data, log = base / "data", base / "server.log"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args, cwd=base, capture_output=True, text=True, timeout=120, **as_user)
+
+    init = run(str(bin_dir / "initdb"), "-D", str(data), "-U", "admin", "--auth=scram-sha-256",
+               f"--pwfile={base / 'pw'}", "-E", "UTF8", "--no-sync")
+    if init.returncode != 0:
+        pytest.fail(f"initdb failed: {init.stderr.strip()[-800:]}")
+    port = 0
+    for _attempt in range(3):  # another process may take the free port before the server binds it
+        port = _free_port()
+        start = run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start",
+                    "-o", f"-h 127.0.0.1 -p {port} -k {base}")
+        if start.returncode == 0:
+            break
+    else:
+        server_log = log.read_text()[-1500:] if log.is_file() else ""
+        pytest.fail(f"PostgreSQL did not start: {start.stderr.strip()[-500:]}\n{server_log}")
+    try:
+        pg = Postgres("127.0.0.1", port, "nas", secrets.token_hex(12), "nas_test")
+        con = psycopg2.connect(host=pg.host, port=port, user="admin", password=admin_password, dbname="postgres")
+        con.autocommit = True
+        with con.cursor() as cur:
+            cur.execute(f"CREATE ROLE {pg.user} LOGIN PASSWORD %s", (pg.password,))
+            cur.execute(f"CREATE DATABASE {pg.database} OWNER {pg.user}")
+        con.close()
+        yield pg
+    finally:
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _pg_has_study(pg: Postgres, name: str) -> bool:
+    """Whether the study exists, asked with plain SQL: opening an Optuna storage here would race the worker
+    creating the schema."""
+    import psycopg2
+
+    con = psycopg2.connect(host=pg.host, port=pg.port, user=pg.user, password=pg.password, dbname=pg.database)
+    try:
+        with con.cursor() as cur:
+            cur.execute("SELECT 1 FROM studies WHERE study_name = %s", (name,))
+            return cur.fetchone() is not None
+    except psycopg2.errors.UndefinedTable:
+        return False
+    finally:
+        con.close()
+
+
+# Runs the real CLI and notes every evaluation the process makes (pid and arch) in a ledger file, so the test can
+# tell an evaluation recorded in two trials, or in none, from the study alone. The evaluator itself is untouched.
+LEDGER_CLI = """
+import json, os, sys
+from nas.search.objectives import Evaluator
+evaluate = Evaluator.__call__
+def noted(self, arch):
+    ev = evaluate(self, arch)
+    with open(os.environ["NAS_TEST_LEDGER"], "a") as fh:
+        fh.write(json.dumps({"pid": os.getpid(), "arch": arch.to_dict()}, sort_keys=True) + "\\n")
+    return ev
+Evaluator.__call__ = noted
+from nas.cli import main
+sys.argv[0] = "unet-nas"
+main()
+"""
+
+
+def test_two_workers_on_one_postgres_study_lose_and_duplicate_nothing(tmp_path, postgres):
+    budget = 6
+    path = tmp_path / "exp.yaml"
+    path.write_text(SLOW.format(name="pg_two", strategy="random", trials=budget) + "storage: {env: NAS_TEST_DB}\n")
+    ledger = tmp_path / "ledger.jsonl"
+    env = _env(NAS_TEST_DB=postgres.url, NAS_TEST_LEDGER=str(ledger))
+    cmd = [sys.executable, "-c", LEDGER_CLI, "search", str(path)]
+    logs = [tmp_path / "worker1.log", tmp_path / "worker2.log"]
+    procs: list[subprocess.Popen] = []
+    try:
+        with open(logs[0], "wb") as log:
+            procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 120
+        while not _pg_has_study(postgres, "pg_two"):  # the second worker joins the study the first created
+            assert procs[0].poll() is None, logs[0].read_text()
+            assert time.monotonic() < deadline, "the first worker did not create the study within 120 s"
+            time.sleep(0.2)
+        with open(logs[1], "wb") as log:
+            procs.append(subprocess.Popen([*cmd, "--resume"], cwd=tmp_path, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outputs = [f.read_text() for f in logs]
+    assert codes == [0, 0], "\n".join(outputs)
+    first, second = procs
+
+    study = optuna.load_study(study_name="pg_two", storage=with_driver(postgres.url))
+    trials = study.trials
+    assert len({t.number for t in trials}) == len(trials) == len({t._trial_id for t in trials})
+    assert all(t.state == TrialState.COMPLETE for t in trials), [t.state for t in trials]
+    pids = {t.number: int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials}
+    assert set(pids.values()) == {first.pid, second.pid}  # both workers took part
+    # each evaluation is in exactly one trial, and each trial that evaluated did so once
+    noted = Counter((e["pid"], json.dumps(e["arch"], sort_keys=True))
+                    for e in map(json.loads, ledger.read_text().splitlines()))
+    evaluated = Counter((pids[t.number], json.dumps(t.user_attrs["arch"], sort_keys=True))
+                        for t in trials if "duplicate_of" not in t.user_attrs)
+    assert noted == evaluated
+    by_number = {t.number: t for t in trials}
+    for t in trials:  # a re-suggested arch reuses an earlier trial's values instead of evaluating again
+        if "duplicate_of" in t.user_attrs:
+            earlier = by_number[t.user_attrs["duplicate_of"]]
+            assert (earlier.params, earlier.values) == (t.params, t.values)
+    # the budget is checked after each trial, so each extra worker may finish one trial more (see the docs)
+    assert budget <= counted(study) <= budget + 1
+    files = [f for f in (tmp_path / "runs" / "pg_two").rglob("*") if f.is_file()]
+    assert {"trials.csv", "summary.md", "experiment.yaml", "pareto.json"} <= {f.name for f in files}
+    leaked = [str(f) for f in files if postgres.password.encode() in f.read_bytes()]
+    assert not leaked, f"the database password is written in {leaked}"
+    assert all(postgres.password not in out for out in outputs)
+
+
+def test_a_wrong_postgres_password_is_one_clear_error_that_shows_no_password(tmp_path, monkeypatch, postgres):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "exp.yaml"
+    path.write_text(SLOW.format(name="pg_wrong", strategy="random", trials=2))
+    wrong = postgres.url.replace(postgres.password, "not-the-password-42")
+    res = runner.invoke(app, ["search", str(path), "--storage", wrong])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "storage" in lines[0] and "password authentication failed" in lines[0], lines
+    assert "not-the-password-42" not in res.output and ":***@" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- broken experiment files -----------------------------------------------------------------------------------
+
+CHEAP = """name: broken
+seed: 0
+space: digits
+objectives:
+  - {name: params, kind: params}
+  - {name: macs, kind: macs, batch: 2}
+constraints:
+  - {objective: params, max: 350000}
+budget: {trials: 3}
+"""
+
+
+@pytest.mark.parametrize(
+    "old,new,field,line",
+    [
+        ("seed: 0\n", "seed: 0\nbudgett: {trials: 3}\n", "budgett", 3),                    # unknown key
+        ("seed: 0", "seed: zero", "seed", 2),                                                 # wrong type
+        ("{trials: 3}", "{trials: -3}", "budget.trials", 9),                                  # out of range
+        ("max: 350000", "max: -1", "constraints[0].max", 8),                                  # impossible
+        ("objective: params, max", "objective: latency, max", "constraints[0].objective", 8),  # unknown objective
+        ("max: 350000}", "max_ratio: 0.5, of: sd99}", "constraints[0].of", 8),               # unknown reference
+        ("budget:", "references: [digits, sd99]\nbudget:", "references[1]", 9),               # unknown reference
+        ("space: digits", "space: {base: digits, down: [{channels: 16, resnets: [1, 9]}]}", "space.up", 3),
+        ("budget:", "heartbeat_interval: 10\nheartbeat_grace: 5\nbudget:", "heartbeat_grace", 10),
+        ("budget:", "storage: {env: NAS_TEST_UNSET_VARIABLE}\nbudget:", "storage.env", 9),
+        ("budget:", "storage: not-a-url\nbudget:", "storage", 9),
+    ],
+)
+def test_a_broken_experiment_exits_2_with_one_located_message_and_writes_nothing(tmp_path, monkeypatch, old, new,
+                                                                                   field, line):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NAS_TEST_UNSET_VARIABLE", raising=False)
+    assert old in CHEAP
+    path = tmp_path / "exp.yaml"
+    path.write_text(CHEAP.replace(old, new, 1))
+    res = runner.invoke(app, ["search", str(path)])
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception  # no traceback
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}:{line}: {field}: "), lines
+    assert list(tmp_path.iterdir()) == [path]  # no runs/ folder, no study.db
+
+
+def test_resuming_a_run_that_does_not_exist_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "exp.yaml"
+    path.write_text(CHEAP)
+    res = runner.invoke(app, ["search", str(path), "--resume"])
+    assert res.exit_code == 2 and "nothing to resume" in res.output, res.output
+    assert list(tmp_path.iterdir()) == [path]
