@@ -183,6 +183,10 @@ class Experiment(_Strict):
         if self.heartbeat_grace <= self.heartbeat_interval:  # else live trials would be failed as stale
             raise ConfigError(f"must be longer than heartbeat_interval ({self.heartbeat_interval} s)",
                               field="heartbeat_grace")
+        if self.backend == "ray" and self.ray.asha is not None and not any(
+                o.kind == "quality" and o.proxy == "short_train" for o in self.objectives):
+            raise ConfigError("ASHA stops trials on a short_train quality objective's intermediate loss; add one "
+                              "or remove ray.asha", field="ray.asha")
         for i, o in enumerate(self.objectives):
             if o.kind == "quality" and self.data is None:
                 raise ConfigError("a quality objective needs data: digits or a cache folder",

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,8 +190,15 @@ class Evaluator:
 
     # ---- scoring ---------------------------------------------------------------------------------------------
 
-    def objectives(self, arch: UNetArch, cheap_only: bool = False) -> dict[str, float]:
-        """Objective values; ``cheap_only`` skips quality proxies (for reference archs and pre-filtering)."""
+    def proxy(self, name: str) -> Any:
+        """The quality proxy of objective ``name`` (after :meth:`prepare`)."""
+        return self._proxies[name]
+
+    def objectives(self, arch: UNetArch, cheap_only: bool = False,
+                   report: Callable[[str, int, float], bool] | None = None) -> dict[str, float]:
+        """Objective values; ``cheap_only`` skips quality proxies (for reference archs and pre-filtering).
+        ``report(objective, step, value)`` receives a training proxy's intermediate values (for ASHA); if it
+        returns True the proxy stops early."""
         out: dict[str, float] = {}
         for obj in self.exp.objectives:
             if obj.kind == "params":
@@ -201,7 +209,8 @@ class Evaluator:
             elif obj.kind == "latency":
                 out[obj.name] = float(self._predictors[obj.name].predict(arch))
             elif not cheap_only:
-                out[obj.name] = float(self._proxies[obj.name](arch, self._ctx).score)
+                hook = None if report is None else (lambda step, value, name=obj.name: report(name, step, value))
+                out[obj.name] = float(self._proxies[obj.name](arch, self._ctx, hook).score)
         return out
 
     def constraint_values(self, values: dict[str, float]) -> dict[str, float]:
@@ -221,9 +230,9 @@ class Evaluator:
             out[c.label] = values[c.objective] - bound
         return out
 
-    def __call__(self, arch: UNetArch) -> Evaluation:
+    def __call__(self, arch: UNetArch, report: Callable[[str, int, float], bool] | None = None) -> Evaluation:
         start = time.perf_counter()
-        values = self.objectives(arch)
+        values = self.objectives(arch, report=report)
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"objective {bad[0]} is {values[bad[0]]}")

@@ -47,7 +47,6 @@ Known limits (also in docs/ray.md):
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -190,7 +189,7 @@ def _tuner(exp: Experiment, evaluator: Evaluator, storage: RDBStorage, trainable
                             study_name=exp.name, storage=storage, nas_name=exp.name, nas_objectives=names)
     scheduler = None
     if quality is not None:
-        proxy = evaluator._proxies[quality]
+        proxy = evaluator.proxy(quality)
         scheduler = ASHAScheduler(time_attr="nas_step", metric=quality, mode="min", max_t=proxy.steps,
                                   grace_period=exp.ray.asha.grace_period,
                                   reduction_factor=exp.ray.asha.reduction_factor)
@@ -367,26 +366,17 @@ def _worker_evaluator(exp: Experiment) -> Evaluator:
 
 def _evaluate(exp: Experiment, evaluator: Evaluator, arch: UNetArch) -> tuple[dict[str, float], dict[str, float],
                                                                            float]:
-    """``Evaluator.__call__`` plus the proxy's ``report(step, value)`` hook wired to ``tune.report`` when ASHA
-    is on (Evaluator itself takes no report callback)."""
+    """The evaluator, with a short-training proxy's intermediate values wired to ``tune.report`` when ASHA is on."""
     from ray import tune
 
-    start = time.perf_counter()
-    values = evaluator.objectives(arch, cheap_only=True)
-    for obj in exp.objectives:
-        if obj.kind != "quality":
-            continue
-        proxy = evaluator._proxies[obj.name]
-        report = None
-        if exp.ray.asha is not None and obj.proxy == "short_train":
-            def report(step: int, value: float, _name: str = obj.name, _last: int = proxy.steps) -> bool:
-                if step < _last:  # at the last step ASHA (max_t) would stop the trial before its final report
-                    tune.report({**values, _name: float(value), "nas_step": step})
-                return False  # ASHA stops the trial from the driver; the proxy never stops itself
+    report = None
+    if exp.ray.asha is not None:
+        cheap = evaluator.objectives(arch, cheap_only=True)
 
-        values[obj.name] = float(proxy(arch, evaluator._ctx, report).score)
-    values = {o.name: values[o.name] for o in exp.objectives}
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"objective {bad[0]} is {values[bad[0]]}")
-    return values, evaluator.constraint_values(values), time.perf_counter() - start
+        def report(name: str, step: int, value: float) -> bool:
+            if step < evaluator.proxy(name).steps:  # at the last step ASHA (max_t) would stop the trial early
+                tune.report({**cheap, name: float(value), "nas_step": step})
+            return False  # ASHA stops the trial from the driver; the proxy never stops itself
+
+    ev = evaluator(arch, report=report)
+    return ev.values, ev.constraints, ev.seconds
