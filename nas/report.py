@@ -162,10 +162,8 @@ def _plot_pareto(run_dir: Path, names: list[str], complete: list[FrozenTrial], f
     plt.close(fig)
     atomic_write(run_dir / "pareto.png", buf.getvalue())
 
-    try:
-        import plotly.graph_objects as go
-    except ImportError:  # plotly is a declared dependency; without it only the PNG is written
-        return
+    import plotly.graph_objects as go
+
     hover = [f"trial {t.number}<br>{t.user_attrs.get('arch_summary', '')}" for t in complete]
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[t.values[x_i] for t in complete], y=[t.values[y_i] for t in complete],
