@@ -9,17 +9,10 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from proxies.latency.timing import cpu_name
+from search_spaces.yamlio import atomic_write
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict[str, Any]:
@@ -44,7 +37,4 @@ def environment() -> dict[str, Any]:
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"benchmark": name, "environment": environment(), **payload}, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, json.dumps({"benchmark": name, "environment": environment(), **payload}, indent=2) + "\n")

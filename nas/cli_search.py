@@ -12,9 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nas.cli import app, console, fail, user_errors
 from nas.experiment import Experiment, load_experiment
-from nas.report import atomic_write, redact, write_report
+from nas.report import redact, write_report
 from search_spaces import ConfigError
-from search_spaces.yamlio import dump_yaml, read_file
+from search_spaces.yamlio import atomic_write, dump_yaml, read_file
 
 
 def _breakdowns(exp: Experiment, evaluator: Any) -> Any:

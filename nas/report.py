@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas.experiment import Experiment
 from search_spaces import UNetArch
+from search_spaces.yamlio import atomic_write
 
 
 def redact(url: str) -> str:
@@ -35,16 +35,6 @@ def redact(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL sqlalchemy understands: hide everything after the scheme
         return url.split("://", 1)[0] + "://***" if "://" in url else "***"
-
-
-def atomic_write(path: Path, text: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(text.encode() if isinstance(text, str) else text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def pareto_indices(values: list[tuple[float, ...]]) -> list[int]:

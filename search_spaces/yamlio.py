@@ -86,6 +86,24 @@ def load_validated(path: str | os.PathLike, build: Callable[[Any], T], prefix: s
         raise exc.located(str(path), lines, prefix) from None
 
 
+def atomic_write(path: str | os.PathLike, content: str | bytes) -> Path:
+    """Write to a temporary name in the same folder, flush to disk, then rename over ``path``: a crash or a full
+    disk leaves the old file or none, never a torn one. Used for every file UNet-NAS writes."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p
+
+
 def dump_yaml(data: Any) -> str:
     """YAML in the project's style: block style, keys in insertion order."""
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)

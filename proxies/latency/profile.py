@@ -23,7 +23,7 @@ from typing import Any
 from search_spaces.arch import UNetArch
 from search_spaces.errors import ConfigError
 from search_spaces.schema import check_keys, check_type
-from search_spaces.yamlio import dump_yaml, load_validated
+from search_spaces.yamlio import atomic_write, dump_yaml, load_validated
 
 FORMAT = "unet-nas-latency-profile/1"
 DTYPES = ("fp32", "fp16", "bf16")
@@ -174,11 +174,7 @@ class LatencyProfile:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file + rename), so an interrupted run never leaves half a profile."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(dump_yaml(self.to_dict()), encoding="utf-8")
-        os.replace(tmp, p)
+        p = atomic_write(path, dump_yaml(self.to_dict()))
         self.source = str(p)
         return p
 

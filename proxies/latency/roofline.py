@@ -25,7 +25,7 @@ import numpy as np
 from search_spaces.arch import UNetArch
 from search_spaces.errors import ConfigError
 from search_spaces.schema import check_keys, check_type
-from search_spaces.yamlio import dump_yaml, load_validated
+from search_spaces.yamlio import atomic_write, dump_yaml, load_validated
 
 from .blocks import block_key
 from .kernels import block_kernels, kernel_array
@@ -65,12 +65,7 @@ class DeviceSpec:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(dump_yaml(self.to_dict()), encoding="utf-8")
-        os.replace(tmp, p)
-        return p
+        return atomic_write(path, dump_yaml(self.to_dict()))
 
 
 _SPEC_TYPES: dict[str, Any] = {

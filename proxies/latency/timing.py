@@ -41,7 +41,8 @@ def torch_device(settings: Settings) -> Any:
     return torch.device(settings.device)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (what profiles and benchmark results record)."""
     import platform
     from pathlib import Path
 
@@ -60,7 +61,7 @@ def describe_device(settings: Settings) -> str:
 
     if settings.is_cuda:
         return torch.cuda.get_device_name(torch_device(settings))
-    return f"{_cpu_name()} ({settings.threads or torch.get_num_threads()} thread(s))"
+    return f"{cpu_name()} ({settings.threads or torch.get_num_threads()} thread(s))"
 
 
 @contextlib.contextmanager
