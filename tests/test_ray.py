@@ -188,3 +188,23 @@ def test_asha_without_short_train_is_one_config_error(tmp_path):
     path.write_text(yaml.safe_dump({**exp, "ray": {"asha": {"grace_period": 2, "brackets": 3}}}))
     result = CliRunner().invoke(app, ["search", str(path)])
     assert result.exit_code == 2 and "ray.asha.brackets" in result.output
+
+
+def test_the_quickstart_runs_on_the_two_node_cluster(cluster, tmp_path):
+    """experiments/quickstart_ray.yaml itself (teacher trained here, CPU profile measured on first use, the real
+    distillation proxy) on the two-node cluster, with its budget cut to a few trials to keep CI short."""
+    data = yaml.safe_load((ROOT / "experiments" / "quickstart_ray.yaml").read_text())
+    data["ray"]["address"] = cluster
+    data["budget"] = {"trials": 4, "wall_time": 900}
+    data["teacher"]["train_steps"] = 40
+    data["output_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "quickstart_ray.yaml"
+    path.write_text(yaml.safe_dump(data))
+    _search(str(path))
+    run = tmp_path / "runs" / "quickstart_ray"
+    for name in ("pareto.json", "trials.csv", "summary.md", "pareto.png", "pareto.html", "latency_breakdown.png",
+                 "cpu_profile.yaml", "teacher/config.json"):
+        assert (run / name).is_file(), name
+    trials = _study(tmp_path, "quickstart_ray").get_trials()
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 4
+    assert all(t.values[0] >= 0 for t in trials if t.state == TrialState.COMPLETE)  # held-out KD loss
