@@ -201,3 +201,51 @@ def test_storage_urls_are_redacted(monkeypatch, tmp_path):
     monkeypatch.delenv("NAS_DB")
     with pytest.raises(ConfigError, match="NAS_DB is not set"):
         exp.storage_url()
+
+
+def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path):
+    """SIGINT in the middle of a search: exit 130 after writing the report; --resume finishes the budget."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = """name: intr
+space: digits
+data: digits
+objectives:
+  - {name: quality, kind: quality, proxy: short_train, options: {steps: 15, eval_every: 15}}
+  - {name: params, kind: params}
+strategy: {name: random}
+budget: {trials: 6}
+"""
+    path = write(tmp_path, text)
+    db = tmp_path / "runs" / "intr" / "study.db"
+    proc = subprocess.Popen([sys.executable, "-m", "nas", "search", str(path)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if db.is_file():
+            try:
+                study = optuna.load_study(study_name="intr", storage=f"sqlite:///{db}")
+                if any(t.state == TrialState.COMPLETE for t in study.trials):
+                    break
+            except Exception:  # the study is being created
+                pass
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "--resume" in out and "Traceback" not in out
+    assert (tmp_path / "runs" / "intr" / "summary.md").is_file()
+    done = {t.number: t.values for t in optuna.load_study(study_name="intr", storage=f"sqlite:///{db}").trials
+            if t.state == TrialState.COMPLETE}
+    assert done
+    res = subprocess.run([sys.executable, "-m", "nas", "search", str(path), "--resume"], cwd=tmp_path,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    study = optuna.load_study(study_name="intr", storage=f"sqlite:///{db}")
+    assert counted(study) == 6
+    assert all(study.trials[n].values == v for n, v in done.items())

@@ -38,7 +38,9 @@ from search_spaces.space import SearchSpace
 
 from .objectives import Evaluator
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+# failures are recorded in the study (and trials.csv, summary.md); Optuna's per-trial warnings with tracebacks
+# would only bury the progress bar
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 # ---- archs <-> trials ------------------------------------------------------------------------------------------
