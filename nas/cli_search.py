@@ -21,7 +21,7 @@ def _breakdowns(exp: Experiment, evaluator: Any) -> Any:
     """(unit, arch -> per-stage dict) for the breakdown plot: the first latency objective, else MACs."""
     for obj in exp.objectives:
         if obj.kind == "latency":
-            return "predicted ms per step (" + obj.name + ")", evaluator._predictors[obj.name].breakdown
+            return "predicted ms per step (" + obj.name + ")", evaluator.predictor(obj.name).breakdown
     from proxies.cost import arch_costs
 
     return "GMACs", lambda a: {k: v.macs / 1e9 for k, v in arch_costs(a).stages.items()}
@@ -87,7 +87,11 @@ def search(
     if isinstance(saved.get("storage"), str):
         saved["storage"] = redact(saved["storage"])
     atomic_write(exp.run_dir / "experiment.yaml", dump_yaml(saved))
-    evaluator.prepare()
+    try:
+        evaluator.prepare()  # may train a teacher or measure a profile: minutes, so Ctrl-C must be clean here too
+    except KeyboardInterrupt:
+        console.print(f"stopped while preparing; start again with: unet-nas search {file} --resume")
+        raise typer.Exit(130) from None
 
     procs = []
     if workers > 1:

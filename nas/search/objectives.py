@@ -190,6 +190,10 @@ class Evaluator:
 
     # ---- scoring ---------------------------------------------------------------------------------------------
 
+    def predictor(self, name: str) -> Any:
+        """The latency predictor of objective ``name`` (after :meth:`prepare`)."""
+        return self._predictors[name]
+
     def proxy(self, name: str) -> Any:
         """The quality proxy of objective ``name`` (after :meth:`prepare`)."""
         return self._proxies[name]
