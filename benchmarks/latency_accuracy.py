@@ -184,7 +184,7 @@ def main() -> None:
         "protocol": protocol.__dict__, "calibration_networks": len(cal),
         "correction": profile.correction.__dict__ if profile.correction else None,
         "noise": noise, "predictors": results, "macs_rank": macs_rank, "targets": targets,
-        "roofline_spec": predictors["roofline"].spec.to_dict(), "plot": plot.name,
+        "roofline_spec": _portable(predictors["roofline"].spec.to_dict()), "plot": plot.name,
         "measured_ms": {"pass1": pass1.round(4).tolist(), "pass2": pass2.round(4).tolist()},
         "elapsed_s": round(elapsed, 1), "quick": args.quick,
     }
@@ -196,6 +196,14 @@ def main() -> None:
     print(f"MACs alone rank them with Kendall tau {macs_rank['kendall_tau']:.3f}, Spearman {macs_rank['spearman']:.3f}")
     print(f"targets: {targets}")
     print(f"wrote {path} and {plot} in {elapsed:.0f} s")
+
+
+def _portable(spec: dict) -> dict:
+    """The spec with the calibration profile's path relative to the repository (results must not name a machine)."""
+    source = (spec.get("calibrated_from") or {}).get("source")
+    if source and os.path.isabs(source):
+        spec["calibrated_from"]["source"] = os.path.relpath(source, ROOT)
+    return spec
 
 
 if __name__ == "__main__":
