@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="reuse this profile instead of measuring one")
     parser.add_argument("--spec", default=None, help="roofline spec to calibrate (default: measured locally)")
     parser.add_argument("--name", default=None, help="result name (default latency_accuracy_<device>)")
+    parser.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (see Settings)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 8 archs, 6 calibration, 64 px, few repeats")
     args = parser.parse_args()
 
@@ -118,8 +119,9 @@ def main() -> None:
         protocol = Protocol(warmup=2, min_repeats=4, max_repeats=8)
     settings = Settings(device=args.device, dtype=args.dtype or ("fp16" if cuda else "fp32"), batch=args.batch,
                         resolution=args.resolution or base.sample_size * 8, text_len=args.text_len,
-                        threads=args.threads or (None if cuda else 1))
-    name = args.name or f"latency_accuracy_{'cuda' if cuda else 'cpu'}" + ("_quick" if args.quick else "")
+                        threads=args.threads or (None if cuda else 1), cuda_graph=args.cuda_graph)
+    name = args.name or (f"latency_accuracy_{'cuda' if cuda else 'cpu'}" + ("_graph" if args.cuda_graph else "")
+                         + ("_quick" if args.quick else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     def say(msg: str) -> None:
@@ -180,7 +182,8 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     payload = {
         "device": profile.device_name, "n_archs": len(archs), "space": os.path.relpath(args.space, ROOT),
-        "settings": {**s.query(), "threads": s.threads, "latent_size": s.latent_size},
+        "settings": {**s.query(), "threads": s.threads, "latent_size": s.latent_size,
+                     "cuda_graph": s.cuda_graph},
         "protocol": protocol.__dict__, "calibration_networks": len(cal),
         "correction": profile.correction.__dict__ if profile.correction else None,
         "noise": noise, "predictors": results, "macs_rank": macs_rank, "targets": targets,

@@ -58,6 +58,9 @@ def profile(
     max_repeats: Annotated[int, typer.Option(help="Timed runs at most (stops earlier once stable).")] = 50,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="channels-last memory format.")] = False,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile every block and network.")] = False,
+    cuda_graph: Annotated[bool | None, typer.Option("--cuda-graph/--eager", help="On CUDA, time CUDA-graph replays "
+                                                    "(no launch overhead; the default) or eager "
+                                                    "launches.")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Discard an existing --out instead of resuming.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON on stdout.")] = False,
 ) -> None:
@@ -80,7 +83,8 @@ def profile(
     cuda = device.startswith("cuda")
     settings = _settings(device=device, dtype=dtype or ("fp16" if cuda else "fp32"), batch=batch,
                          resolution=resolution, text_len=text_len, threads=threads or (None if cuda else 1),
-                         channels_last=channels_last, compile=compile_)
+                         channels_last=channels_last, compile=compile_,
+                         cuda_graph=cuda if cuda_graph is None else cuda_graph)
     try:
         protocol = Protocol(statistic=statistic, warmup=warmup, min_repeats=min_repeats, max_repeats=max_repeats)
     except ConfigError as exc:
@@ -114,7 +118,8 @@ def profile(
 @user_errors
 def predict(
     ref: Annotated[str, typer.Argument(help="Reference name or arch file.")],
-    profile_path: Annotated[Path | None, typer.Option("--profile", help="Measured profile YAML.")] = None,
+    profile_path: Annotated[Path | None, typer.Option("--profile", help="Measured profile YAML, or the name of a "
+                                                                     "shipped one (h100_sd15_fp16_b2_512).")] = None,
     predictor: Annotated[str, typer.Option(help="lut, roofline or learned.")] = "lut",
     spec: Annotated[str | None, typer.Option(help="Device spec for the roofline: a shipped name "
                                                   "(cloud_ai_100_standard, a100_sxm, ...) or a YAML file.")] = None,
@@ -129,12 +134,12 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
 ) -> None:
     """Predicted per-step latency of an arch and its per-stage breakdown (``--measure``: against a real run)."""
-    from proxies.latency.profile import LatencyProfile
+    from proxies.latency.profile import LatencyProfile, find_profile
 
     arch = load_arch(ref)
     if predictor not in ("lut", "roofline", "learned"):
         raise ConfigError(f"must be lut, roofline or learned, got {predictor!r}", field="--predictor")
-    prof = LatencyProfile.load(profile_path) if profile_path is not None else None
+    prof = LatencyProfile.load(find_profile(profile_path)) if profile_path is not None else None
     query = {"dtype": dtype, "batch": batch, "resolution": resolution, "text_len": text_len}
     if prof is not None:
         prof.check_settings(query)

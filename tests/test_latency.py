@@ -337,3 +337,27 @@ def test_cli_refuses_mismatched_profile(profile):
     bad.write_text("format: unet-nas-latency-profile/1\ndevice_name: x\nsettings: {dtype: fp8}\nprotocol: {}\n")
     res = _run("predict", "tiny", "--profile", bad)
     assert res.exit_code == 2 and f"{bad}:3: settings.dtype" in res.stderr
+
+
+def test_shipped_gpu_profile_is_found_by_name_and_predicts_its_calibration_networks():
+    """The measured H100 profile ships in the package; its LUT must reproduce the whole networks it was fitted on."""
+    from proxies.latency.profile import find_profile, shipped_profiles
+
+    assert "h100_sd15_fp16_b2_512" in shipped_profiles()
+    profile = LatencyProfile.load(find_profile("h100_sd15_fp16_b2_512"))
+    assert profile.settings.cuda_graph and profile.settings.dtype == "fp16" and profile.complete
+    lut = LUTPredictor(profile)
+    errors = [abs(lut.predict(c.arch) - c.timing.ms) / c.timing.ms for c in profile.calibration]
+    assert max(errors) < 0.05
+
+
+def test_unknown_profile_name_is_one_clear_error():
+    from proxies.latency.profile import find_profile
+
+    with pytest.raises(ConfigError, match="not a file, nor a shipped profile"):
+        find_profile("no_such_profile")
+
+
+def test_cuda_graph_needs_a_cuda_device():
+    with pytest.raises(ConfigError, match="CUDA graphs"):
+        Settings(device="cpu", cuda_graph=True)

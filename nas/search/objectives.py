@@ -169,6 +169,14 @@ class Evaluator:
             spec = load_spec(obj.spec if not Path(obj.spec).suffix else self.exp.path(obj.spec))
             return RooflinePredictor(spec, settings)
         path = self.exp.path(obj.profile)
+        if not path.is_file() and not obj.measure_if_missing:
+            from proxies.latency.profile import find_profile
+
+            try:
+                path = find_profile(obj.profile)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc.message} (or set measure_if_missing: true to measure it here)",
+                                  field=f"objectives[{idx}].profile") from None
         if not path.is_file() or (obj.measure_if_missing and not LatencyProfile.load(path).complete):
             if not obj.measure_if_missing:
                 raise ConfigError(f"profile {path} not found (set measure_if_missing: true to measure it here)",

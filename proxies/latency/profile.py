@@ -28,6 +28,7 @@ from search_spaces.yamlio import atomic_write, dump_yaml, load_validated
 FORMAT = "unet-nas-latency-profile/1"
 DTYPES = ("fp32", "fp16", "bf16")
 VAE_SCALE = 8  # SD-family VAEs downsample images 8x: a 512 px image is a 64x64 latent
+_PROFILE_DIR = Path(__file__).parent / "profiles"
 STATISTICS = ("min", "p5", "p10", "p20", "p25", "median")
 
 
@@ -36,8 +37,13 @@ class Settings:
     """The shape and numerics a latency is measured or predicted for.
 
     ``resolution`` is the *image* size in pixels (512 for SD1.5); the U-Net runs on ``resolution // 8`` latents.
-    ``device``/``threads``/``channels_last``/``compile`` describe how the measurement ran; only ``dtype``,
-    ``batch``, ``resolution`` and ``text_len`` define the query a profile may answer.
+    ``device``/``threads``/``channels_last``/``compile``/``cuda_graph`` describe how the measurement ran; only
+    ``dtype``, ``batch``, ``resolution`` and ``text_len`` define the query a profile may answer.
+
+    ``cuda_graph`` times replays of a captured CUDA graph instead of eager launches. Measured on an H100 at
+    512 px, batch 2, fp16, an eager SD-class U-Net step is bound by the CPU launching its ~1,000 kernels, so the
+    timing carries host jitter and block sums miss the fusion of launch gaps; deployments (TensorRT, compiled
+    graphs, vendor runtimes) do not pay that cost either.
     """
 
     device: str = "cpu"
@@ -48,6 +54,7 @@ class Settings:
     threads: int | None = 1
     channels_last: bool = False
     compile: bool = False
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
@@ -62,6 +69,8 @@ class Settings:
                               f"got {self.resolution}", field="resolution")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"must be positive, got {self.threads}", field="threads")
+        if self.cuda_graph and not self.is_cuda:
+            raise ConfigError("CUDA graphs need a cuda device", field="cuda_graph")
 
     @property
     def latent_size(self) -> int:
@@ -192,6 +201,27 @@ class LatencyProfile:
         return replace(self, correction=correction)
 
 
+def shipped_profiles() -> list[str]:
+    """Names of the measured profiles that ship inside the package (``proxies/latency/profiles/*.yaml``)."""
+    return sorted(p.stem for p in _PROFILE_DIR.glob("*.yaml"))
+
+
+def find_profile(ref: str | os.PathLike) -> Path:
+    """``ref`` itself when it is a file, else the shipped profile of that name (``h100_sd15_fp16_b2_512``).
+
+    Why both: a user's own measurement is a path; a profile measured by the project on hardware the user may not
+    have (an H100) is a name, so experiments can point at it without a copy.
+    """
+    path = Path(ref)
+    if path.is_file():
+        return path
+    shipped = _PROFILE_DIR / f"{ref}.yaml"
+    if path.suffix not in (".yaml", ".yml") and shipped.is_file():
+        return shipped
+    raise ConfigError(f"profile {str(ref)!r} not found: not a file, nor a shipped profile "
+                      f"({', '.join(shipped_profiles()) or 'none'})", field="profile")
+
+
 def _timing_dict(t: Timing) -> dict[str, Any]:
     return {"ms": round(t.ms, 6), "median_ms": round(t.median_ms, 6), "spread_pct": round(t.spread_pct, 2),
             "repeats": t.repeats}
@@ -257,7 +287,8 @@ def _dataclass_from(cls: type, data: Any, where: str, types: Mapping[str, Any]) 
 
 
 _SETTINGS_TYPES = {"device": str, "dtype": str, "batch": int, "resolution": int, "text_len": int,
-                   "threads": (int, type(None)), "channels_last": bool, "compile": bool}
+                   "threads": (int, type(None)), "channels_last": bool, "compile": bool,
+                   "cuda_graph": bool}
 _PROTOCOL_TYPES = {"statistic": str, "warmup": int, "min_repeats": int, "max_repeats": int,
                    "rel_tol": (int, float)}
 _CORRECTION_TYPES = {"scale": (int, float), "offset_ms": (int, float), "n": int, "fit_mape_pct": (int, float)}

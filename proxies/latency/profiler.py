@@ -8,6 +8,7 @@ refused with an error naming the differing field.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -32,7 +33,8 @@ def measure_block(arch: UNetArch, b: BlockSpec, settings: Settings, protocol: Pr
 
     device, dtype = torch_device(settings), torch_dtype(settings.dtype)
     torch.manual_seed(0)
-    module = build_block(arch, b).to(device=device, dtype=dtype).eval()
+    with torch.device(device) if settings.is_cuda else contextlib.nullcontext():
+        module = build_block(arch, b).to(device=device, dtype=dtype).eval()
     if settings.channels_last:
         module = module.to(memory_format=torch.channels_last)
     inputs = block_inputs(arch, b, module, arch.sizes(settings.latent_size), settings.batch, settings.text_len,
