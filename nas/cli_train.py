@@ -85,10 +85,9 @@ def train_cmd(
     trainer = Trainer(recipe, folder, log=lambda m: console.print(m, highlight=False), stop_after=stop_after)
     try:
         trainer.check()
-    except ConfigError as exc:
-        raise exc.located(str(file), _lines(file)) from None
-    try:
         metrics = trainer.run(resume=resume)
+    except ConfigError as exc:  # a recipe field that does not fit the data, model or machine: point at its line
+        raise (exc.located(str(file), _lines(file)) if exc.field and not exc.source else exc) from None
     except KeyboardInterrupt:
         console.print(f"stopped at step {trainer.step}; continue with: unet-nas train {file} --resume"
                       + (f" --out {out}" if out else ""))

@@ -136,3 +136,14 @@ def test_exported_model_runs_in_a_stable_diffusion_pipeline(exported):
     ours = generate(unet, text, uncond, train_scheduler, (1, 8, 8), steps=5, guidance=3.0, guidance_rescale=0.7,
                     generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(latents, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_train_yaml_distills_from_the_teacher(exported):
+    """Three steps of the exported recipe: BK-SDM distillation runs (output + feature KD beside the task loss)."""
+    root, out, _ = exported
+    trainer = Trainer(load_recipe(out / "train.yaml"), root / "distill_out", log=lambda m: None, stop_after=3)
+    assert trainer.run() is None
+    assert len(trainer.history) == 3
+    for row in trainer.history:
+        assert row["kd_loss"] > 0 and row["loss"] == pytest.approx(row["task_loss"] + row["kd_loss"])
+    assert (root / "distill_out" / "checkpoints" / "step-00000003" / "state.json").is_file()

@@ -134,10 +134,14 @@ class Trainer:
             self.check()
         ckpt = self._resume_point(resume)
         tensorboard = r.log.tensorboard and _tensorboard_available()
-        self.accelerator = acc = Accelerator(
-            mixed_precision=r.mixed_precision, step_scheduler_with_optimizer=False,
-            log_with="tensorboard" if tensorboard else None,
-            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "tensorboard")))
+        try:
+            self.accelerator = acc = Accelerator(
+                mixed_precision=r.mixed_precision, step_scheduler_with_optimizer=False,
+                log_with="tensorboard" if tensorboard else None,
+                project_config=ProjectConfiguration(project_dir=str(self.out),
+                                                    logging_dir=str(self.out / "tensorboard")))
+        except ValueError as exc:  # e.g. fp16 where the device has no fp16 autocast
+            raise ConfigError(f"accelerate refused it: {str(exc).splitlines()[0]}", field="mixed_precision") from None
         if tensorboard:
             acc.init_trackers(r.name)
         set_seed(r.seed)
@@ -209,7 +213,7 @@ class Trainer:
             self.history.append(row)
             if self.step % r.log.every == 0 or self.step == end:
                 self._log_row(row)
-            if self.step % r.checkpoint.every == 0 or self.step == end:
+            if self.step % r.checkpoint.every == 0 or self.step == end or self.step == self.stop_after:
                 self._save_checkpoint(index)
             if r.validation.every and self.step % r.validation.every == 0:
                 self._validate()
