@@ -70,7 +70,7 @@ def train_cmd(
     stop_after: Annotated[int | None, typer.Option("--stop-after", min=1, hidden=True,
                                                    help="Stop after this step's checkpoint (testing).")] = None,
 ) -> None:
-    """Train a model with a recipe (one process; `accelerate launch -m nas.cli train FILE` for many)."""
+    """Train a model with a recipe (one process; `accelerate launch -m nas train FILE` for many)."""
     from nas.train import Trainer, load_recipe
 
     recipe = load_recipe(file)
@@ -92,8 +92,9 @@ def train_cmd(
         console.print(f"stopped at step {trainer.step}; continue with: unet-nas train {file} --resume"
                       + (f" --out {out}" if out else ""))
         raise typer.Exit(130) from None
-    if metrics is None:
-        console.print(f"stopped after step {trainer.step}; continue with --resume")
+    if metrics is None:  # stopped by --stop-after, or a process other than the main one
+        if trainer.step < recipe.total_steps:
+            console.print(f"stopped after step {trainer.step}; continue with --resume")
         return
     acc = metrics.get("digit_accuracy")
     console.print(f"done: {metrics['steps']} steps, final loss {metrics['final_loss']:.4f}, held-out loss "

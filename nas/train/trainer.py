@@ -1,7 +1,7 @@
 """The DeciDiffusion training recipe on accelerate: phases, v-prediction on a zero-terminal-SNR cosine schedule,
 Min-SNR-gamma weighting, optional BK-SDM distillation, EMA in its phase, exact resume.
 
-One process by default; ``accelerate launch -m nas.cli train FILE`` runs the same code on many GPUs or nodes
+One process by default; ``accelerate launch -m nas train FILE`` runs the same code on many GPUs or nodes
 (each process draws its own share of every batch; gradients are averaged by accelerate).
 
 Exact resume. Every random draw of optimizer step ``s`` (items, posterior samples, caption dropout, timesteps,
@@ -144,6 +144,8 @@ class Trainer:
             raise ConfigError(f"accelerate refused it: {str(exc).splitlines()[0]}", field="mixed_precision") from None
         if tensorboard:
             acc.init_trackers(r.name)
+        if not acc.is_main_process:  # one voice in the log
+            self.log = lambda _message: None
         set_seed(r.seed)
         if r.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
