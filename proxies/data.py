@@ -6,7 +6,8 @@ DeciDiffusion's training, the cache stores the VAE posterior's mean and std, so 
 
     manifest.json         shapes, source, encoders, scaling factor, split sizes, format version
     latents.safetensors   mean [N, C, H, W], std [N, C, H, W], optional labels [N]
-    text.safetensors      embeddings [N, L, D]
+    text.safetensors      embeddings [N, L, D], optional uncond [1, L, D] (the empty caption's, for
+                          caption dropout and classifier-free guidance)
     captions.json         the N captions
 
 ``LatentCache.check_compatible(arch)`` refuses, with one clear error, a cache whose channels or text width do
@@ -84,6 +85,7 @@ class LatentCache:
     captions: list[str]
     manifest: dict[str, Any]
     labels: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None  # [1, L, D]: the empty caption's embedding
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -115,7 +117,7 @@ class LatentCache:
         if name not in ("train", "val"):
             raise ValueError(f"unknown split {name!r}")
         return LatentCache(self.mean[part], self.std[part], self.text[part], self.captions[part], self.manifest,
-                           None if self.labels is None else self.labels[part])
+                           None if self.labels is None else self.labels[part], self.uncond)
 
     def sample_latents(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw latents for items ``idx`` from the stored posterior: (mean + std * noise) * scaling_factor."""
@@ -135,7 +137,10 @@ class LatentCache:
             if self.labels is not None:
                 tensors["labels"] = self.labels.contiguous()
             save_file(tensors, tmp / "latents.safetensors")
-            save_file({"embeddings": self.text.contiguous()}, tmp / "text.safetensors")
+            text = {"embeddings": self.text.contiguous()}
+            if self.uncond is not None:
+                text["uncond"] = self.uncond.contiguous()
+            save_file(text, tmp / "text.safetensors")
             (tmp / "captions.json").write_text(json.dumps(self.captions))
             manifest = {k: v for k, v in self.manifest.items() if k != "path"}
             manifest.update(version=FORMAT_VERSION, n=len(self), latent_shape=list(self.latent_shape),
@@ -166,7 +171,8 @@ class LatentCache:
                               source=str(manifest_path))
         try:
             lat = load_file(root / "latents.safetensors")
-            text = load_file(root / "text.safetensors")["embeddings"]
+            text_file = load_file(root / "text.safetensors")
+            text, uncond = text_file["embeddings"], text_file.get("uncond")
             captions = json.loads((root / "captions.json").read_text())
         except (OSError, KeyError, json.JSONDecodeError, Exception) as exc:  # safetensors raises its own types
             raise ConfigError(f"cannot read the cache files: {exc}", source=str(root)) from None
@@ -186,8 +192,11 @@ class LatentCache:
             raise ConfigError(f"item counts disagree: manifest {n}, latents {lat['mean'].shape[0]}, std "
                               f"{lat['std'].shape[0]}, text {text.shape[0]}, captions {len(captions)}",
                               field="n", source=str(manifest_path))
+        if uncond is not None and tuple(uncond.shape) != (1, *text.shape[1:]):
+            raise ConfigError(f"the empty caption's embedding is {list(uncond.shape)}, expected "
+                              f"{[1, *text.shape[1:]]}", field="uncond", source=str(root))
         manifest["path"] = str(root)
-        return cls(lat["mean"], lat["std"], text, captions, manifest, lat.get("labels"))
+        return cls(lat["mean"], lat["std"], text, captions, manifest, lat.get("labels"), uncond)
 
 
 # ---- built-in digits -------------------------------------------------------------------------------------------
@@ -203,14 +212,15 @@ def digits_cache(text_dim: int = 16, text_len: int = 8, val_fraction: float = 1 
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     images, labels = images[order], labels[order]
     captions = [digit_caption(int(y)) for y in labels]
-    text = HashTextEncoder(text_dim, text_len)(captions)
+    encoder = HashTextEncoder(text_dim, text_len)
+    text = encoder(captions)
     n_val = round(len(images) * val_fraction)
     manifest = {
         "source": "sklearn.datasets.load_digits", "encoder": f"HashTextEncoder(dim={text_dim}, max_len={text_len})",
         "vae": "identity (pixels in [-1, 1], std 0.02)", "scaling_factor": 1.0,
         "splits": {"train": len(images) - n_val, "val": n_val}, "seed": seed,
     }
-    return LatentCache(images, torch.full_like(images, 0.02), text, captions, manifest, labels)
+    return LatentCache(images, torch.full_like(images, 0.02), text, captions, manifest, labels, encoder([""]))
 
 
 # ---- precompute from an image folder ---------------------------------------------------------------------------
@@ -283,6 +293,9 @@ def precompute(folder: str | os.PathLike, vae_path: str | os.PathLike, text_enco
         tokens = tokenizer([c for _, c in chunk], padding="max_length", max_length=tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
         embs.append(text_model(tokens.input_ids.to(device))[0].float().cpu())
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt")
+    uncond = text_model(empty.input_ids.to(device))[0].float().cpu()
     n = len(pairs)
     n_val = round(n * val_fraction)
     manifest = {
@@ -290,7 +303,8 @@ def precompute(folder: str | os.PathLike, vae_path: str | os.PathLike, text_enco
         "resolution": resolution, "scaling_factor": float(getattr(vae.config, "scaling_factor", 1.0)),
         "splits": {"train": n - n_val, "val": n_val},
     }
-    return LatentCache(torch.cat(means), torch.cat(stds), torch.cat(embs), [c for _, c in pairs], manifest)
+    return LatentCache(torch.cat(means), torch.cat(stds), torch.cat(embs), [c for _, c in pairs], manifest,
+                       uncond=uncond)
 
 
 def _load(fn: Any, path: str | os.PathLike, subfolder: str) -> Any:

@@ -1,0 +1,120 @@
+"""``unet-nas export`` and ``unet-nas train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nas.cli import app, console, user_errors
+from search_spaces import ConfigError, load_arch
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run: Annotated[Path | None, typer.Argument(help="A search run folder (runs/<name>); with --trial.")] = None,
+    trial: Annotated[int | None, typer.Option(help="The trial of the run whose arch to export.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Or an arch: a reference name or an arch YAML/JSON file.")] = None,
+    teacher: Annotated[Path | None, typer.Option(help="Teacher folder to inherit weights from; default: the "
+                                                 "run's teacher. Without one, all weights are fresh.")] = None,
+    teacher_subfolder: Annotated[str | None, typer.Option("--teacher-subfolder", help="e.g. unet")] = None,
+    out: Annotated[Path, typer.Option(help="The model folder to write.")] = Path("export"),
+    recipe: Annotated[Path | None, typer.Option(help="Recipe template for train.yaml; default: "
+                                                "experiments/train_digits.yaml for digits data, else "
+                                                "train_decidiffusion_v1.yaml.")] = None,
+    data: Annotated[str | None, typer.Option(help="Data for train.yaml (digits or a cache folder); default: "
+                                             "the run's.")] = None,
+    storage: Annotated[str | None, typer.Option(help="The run's storage URL if not its study.db.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the weights that are not inherited.")] = 0,
+) -> None:
+    """Write a chosen arch as a diffusers model folder with inherited teacher weights and a train.yaml."""
+    from nas.export import arch_from_run, export
+
+    if (run is None) == (arch is None):
+        raise ConfigError("give a run folder with --trial, or --arch", field="RUN")
+    source: dict[str, object]
+    if run is not None:
+        if trial is None:
+            raise ConfigError("a run needs --trial N (see the run's trials.csv or summary.md)", field="--trial")
+        choice = arch_from_run(run, trial, storage)
+        chosen = choice.arch
+        teacher_dir = teacher if teacher is not None else choice.teacher
+        subfolder = teacher_subfolder if teacher is not None else choice.teacher_subfolder
+        data = data if data is not None else choice.data
+        source = {"run": str(run), "trial": trial}
+    else:
+        chosen = load_arch(arch)
+        teacher_dir, subfolder = teacher, teacher_subfolder
+        source = {"arch": str(arch)}
+    folder, report = export(chosen, out, teacher=teacher_dir, teacher_subfolder=subfolder, data=data,
+                            recipe=recipe, seed=seed, source=source)
+    console.print(f"wrote {folder}: config.json + diffusion_pytorch_model.safetensors, arch.yaml, "
+                  "inheritance.json, train.yaml")
+    console.print(report.summary() if report is not None else "no teacher: every weight is freshly initialised")
+    console.print(f"train it with: unet-nas train {folder / 'train.yaml'}")
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    file: Annotated[Path, typer.Argument(help="Training recipe YAML.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder; default: the recipe's output_dir, else "
+                                             "runs/<name>.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the output "
+                                         "folder.")] = False,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Validate the recipe and print its phases; train "
+                                        "nothing.")] = False,
+    stop_after: Annotated[int | None, typer.Option("--stop-after", min=1, hidden=True,
+                                                   help="Stop after this step's checkpoint (testing).")] = None,
+) -> None:
+    """Train a model with a recipe (one process; `accelerate launch -m nas train FILE` for many)."""
+    from nas.train import Trainer, load_recipe
+
+    recipe = load_recipe(file)
+    if check:
+        _print_phases(recipe)
+        return
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    folder = out or (recipe.path(recipe.output_dir) if recipe.output_dir else Path("runs") / recipe.name)
+    trainer = Trainer(recipe, folder, log=lambda m: console.print(m, highlight=False), stop_after=stop_after)
+    try:
+        trainer.check()
+        metrics = trainer.run(resume=resume)
+    except ConfigError as exc:  # a recipe field that does not fit the data, model or machine: point at its line
+        raise (exc.located(str(file), _lines(file)) if exc.field and not exc.source else exc) from None
+    except KeyboardInterrupt:
+        console.print(f"stopped at step {trainer.step}; continue with: unet-nas train {file} --resume"
+                      + (f" --out {out}" if out else ""))
+        raise typer.Exit(130) from None
+    if metrics is None:  # stopped by --stop-after, or a process other than the main one
+        if trainer.step < recipe.total_steps:
+            console.print(f"stopped after step {trainer.step}; continue with --resume")
+        return
+    acc = metrics.get("digit_accuracy")
+    console.print(f"done: {metrics['steps']} steps, final loss {metrics['final_loss']:.4f}, held-out loss "
+                  f"{metrics['val_loss']:.4f}" + (f", digit accuracy {acc:.0%}" if acc is not None else "")
+                  + f"; model in {folder / 'model'}, metrics in {folder / 'metrics.json'}")
+
+
+def _lines(file: Path) -> dict[str, int]:
+    from search_spaces.yamlio import read_file
+
+    return read_file(file)[1]
+
+
+def _print_phases(recipe: object) -> None:
+    from rich.table import Table
+
+    table = Table("phase", "steps", "px", "batch", "optimizer", "lr", "schedule", "EMA", "distill",
+                  title=f"{recipe.name}: {recipe.total_steps:,} steps")  # type: ignore[attr-defined]
+    for p in recipe.phases:  # type: ignore[attr-defined]
+        table.add_row(p.name, f"{p.steps:,}", str(p.resolution), f"{p.batch:,}", p.optimizer, f"{p.lr:g}",
+                      p.lr_schedule + (f" (+{p.warmup_steps} warm-up)" if p.warmup_steps else ""),
+                      "yes" if p.ema else "", "yes" if p.distill else "")
+    console.print(table)

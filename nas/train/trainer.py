@@ -1,0 +1,525 @@
+"""The DeciDiffusion training recipe on accelerate: phases, v-prediction on a zero-terminal-SNR cosine schedule,
+Min-SNR-gamma weighting, optional BK-SDM distillation, EMA in its phase, exact resume.
+
+One process by default; ``accelerate launch -m nas train FILE`` runs the same code on many GPUs or nodes
+(each process draws its own share of every batch; gradients are averaged by accelerate).
+
+Exact resume. Every random draw of optimizer step ``s`` (items, posterior samples, caption dropout, timesteps,
+noise) comes from a generator seeded by ``(seed, s, process, micro-batch)``, so the data stream is a pure
+function of the step: no data-loader position has to be replayed. A checkpoint (``accelerator.save_state``:
+model, optimizer, LR schedule, EMA, every RNG state; plus ``state.json`` with the step and phase) is written
+to a temporary folder and renamed, so a kill at any moment leaves whole checkpoints only. ``--resume`` loads
+the newest one, drops the loss-curve rows written after it, and continues: the next step's loss is the one the
+uninterrupted run had.
+
+Phases. Each phase builds its own optimizer (AdamW or LAMB) and LR schedule (``diffusers.optimization``) over
+its steps, and sets gradient accumulation so that ``batch`` = processes x accumulation x micro-batch. A phase
+with ``ema: true`` starts a fresh EMA (``diffusers.training_utils.EMAModel``) of the weights it begins with,
+updates it after every step of that phase only, and hands its EMA weights on: at the phase's end they replace
+the model's (the next phase fine-tunes them; after the last phase they are the released model).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+
+from proxies.data import LatentCache, digits_cache
+from proxies.quality.base import QualityContext, evaluate
+from proxies.quality.sampling import generate
+from proxies.quality.train import capture, paired_stages
+from search_spaces import ConfigError, FlexibleUNet2DConditionModel, load_arch
+from search_spaces.yamlio import atomic_write, dump_json
+
+from ..weights import load_unet
+from .lamb import Lamb
+from .recipe import Phase, Recipe
+
+CSV_FIELDS = ["step", "phase", "loss", "task_loss", "kd_loss", "lr", "ema", "seconds"]
+
+
+def make_noise_scheduler(recipe: Recipe) -> DDPMScheduler:
+    """diffusers' DDPMScheduler with the recipe's schedule (DeciDiffusion's: v-prediction, squaredcos_cap_v2,
+    rescaled to zero terminal SNR)."""
+    n = recipe.noise
+    return DDPMScheduler(num_train_timesteps=n.num_train_timesteps, beta_schedule=n.beta_schedule,
+                         prediction_type=n.prediction_type, rescale_betas_zero_snr=n.rescale_betas_zero_snr,
+                         clip_sample=False)
+
+
+def step_generator(seed: int, step: int, process: int, micro: int) -> torch.Generator:
+    """The generator of one micro-batch: a pure function of where it is in the run."""
+    state = np.random.SeedSequence([seed, step, process, micro]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class Trainer:
+    """Runs a recipe into ``out``: ``checkpoints/``, ``loss.csv``, ``validation/``, ``model/``,
+    ``metrics.json``. ``stop_after`` ends the run (as if killed) right after that global step's checkpoint."""
+
+    def __init__(self, recipe: Recipe, out: str | os.PathLike, log: Callable[[str], None] = print,
+                 stop_after: int | None = None):
+        self.recipe = recipe
+        self.out = Path(out)
+        self.log = log
+        self.stop_after = stop_after
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self._data: dict[str, LatentCache] = {}
+
+    # ---- setup -----------------------------------------------------------------------------------------------
+
+    def data(self, phase: Phase | None = None) -> LatentCache:
+        """The phase's cache (loaded once), checked against the phase's resolution and the model."""
+        key = (phase.data if phase is not None and phase.data else None) or self.recipe.data
+        if key not in self._data:
+            self._data[key] = digits_cache() if key == "digits" else LatentCache.load(self.recipe.path(key))
+        return self._data[key]
+
+    def check(self) -> Trainer:
+        """Everything that can be checked before training: data, model, teacher, resolutions. Raises
+        ConfigError naming the recipe field."""
+        r = self.recipe
+        self.model = self._build_model()
+        arch = self.model.arch
+        self.teacher = None
+        if r.teacher is not None and any(p.distill for p in r.phases):
+            self.teacher = _located(lambda: load_unet(r.path(r.teacher.path), r.teacher.subfolder), "teacher.path")
+        for i, phase in enumerate(r.phases):
+            data = _located(lambda phase=phase: self.data(phase), f"phases[{i}].data" if phase.data else "data")
+            _located(lambda data=data: data.check_compatible(arch), "model")
+            size = data.latent_shape[-1]
+            expected = int(data.manifest.get("resolution", size))  # digits: the identity "VAE", pixels = latents
+            if phase.resolution != expected:
+                raise ConfigError(f"the data is {expected} px ({size}x{size} latents), the phase says "
+                                  f"{phase.resolution}", field=f"phases[{i}].resolution")
+            if self.teacher is not None:
+                _located(lambda data=data: data.check_compatible(self.teacher.arch), "teacher")
+            if r.caption_dropout > 0 and data.uncond is None:
+                raise ConfigError("caption dropout needs the empty caption's embedding, which this cache lacks "
+                                  "(written before it was stored: run `unet-nas data precompute` again)",
+                                  field="caption_dropout")
+        return self
+
+    def _build_model(self) -> FlexibleUNet2DConditionModel:
+        spec = self.recipe.model
+        if spec.pretrained is not None:
+            return _located(lambda: load_unet(self.recipe.path(spec.pretrained), spec.subfolder), "model.pretrained")
+        ref = self.recipe.path(spec.arch)
+        arch = _located(lambda: load_arch(ref if ref.is_file() else spec.arch), "model.arch")
+        set_seed(self.recipe.seed)
+        return FlexibleUNet2DConditionModel.from_arch(arch)
+
+    # ---- the run ---------------------------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> dict[str, Any] | None:
+        """Train (from the newest checkpoint with ``resume``); returns the metrics, or None if stopped early."""
+        r = self.recipe
+        if not hasattr(self, "model"):
+            self.check()
+        ckpt = self._resume_point(resume)
+        tensorboard = r.log.tensorboard and _tensorboard_available()
+        try:
+            self.accelerator = acc = Accelerator(
+                mixed_precision=r.mixed_precision, step_scheduler_with_optimizer=False,
+                log_with="tensorboard" if tensorboard else None,
+                project_config=ProjectConfiguration(project_dir=str(self.out),
+                                                    logging_dir=str(self.out / "tensorboard")))
+        except ValueError as exc:  # e.g. fp16 where the device has no fp16 autocast
+            raise ConfigError(f"accelerate refused it: {str(exc).splitlines()[0]}", field="mixed_precision") from None
+        if tensorboard:
+            acc.init_trackers(r.name)
+        if not acc.is_main_process:  # one voice in the log
+            self.log = lambda _message: None
+        set_seed(r.seed)
+        if r.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.model.to(acc.device).train()
+        if self.teacher is not None:
+            self.teacher.to(acc.device).eval().requires_grad_(False)
+        self.noise = make_noise_scheduler(r)
+        self.ema: EMAModel | None = None
+        if any(p.ema for p in r.phases):
+            self.ema = EMAModel(self.model.parameters(), model_cls=FlexibleUNet2DConditionModel,
+                                model_config=self.model.config)
+            acc.register_for_checkpointing(self.ema)
+        self._csv = self.out / "loss.csv"
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.out / "recipe.json", dump_json(r.model_dump()))
+
+        self._elapsed = 0.0  # training seconds before this process (a resumed run's clock continues)
+        if ckpt is not None:
+            self._load(ckpt)
+        elif acc.is_main_process:
+            atomic_write(self._csv, ",".join(CSV_FIELDS) + "\n")
+        started = time.perf_counter() - self._elapsed
+        self._started = started
+        while self.step < r.total_steps:
+            index = r.phase_at(self.step)
+            if not self._run_phase(index, started):
+                acc.end_training()
+                return None
+        acc.wait_for_everyone()
+        metrics = self._finish(time.perf_counter() - started) if acc.is_main_process else None
+        acc.end_training()
+        return metrics
+
+    def _run_phase(self, index: int, started: float) -> bool:
+        """Run phase ``index`` from the current step to its end; False if stopped by ``stop_after``."""
+        r, acc = self.recipe, self.accelerator
+        phase, start = r.phases[index], r.phase_starts()[index]
+        end = start + phase.steps
+        acc.free_memory()  # drop the previous phase's optimizer and schedule from accelerate's checkpoint lists
+        model = acc.unwrap_model(self.model) if hasattr(self, "_prepared") else self.model
+        optimizer = self._optimizer(phase, model)
+        schedule = get_scheduler(phase.lr_schedule, optimizer, num_warmup_steps=phase.warmup_steps,
+                                 num_training_steps=phase.steps)
+        self.model, optimizer, schedule = acc.prepare(model, optimizer, schedule)
+        self._prepared = True
+        micro, accum = self._micro_batch(phase, index)
+        acc.gradient_accumulation_steps = accum
+        if self._pending is not None:  # resuming inside this phase: optimizer and schedule state too
+            acc.load_state(str(self._pending))
+            self._pending = None
+            self.log(f"resumed at step {self.step} (phase {phase.name})")
+        if self.ema is not None and phase.ema and self.step == start:
+            self._reset_ema(phase)
+        data = self.data(phase).split("train")
+        pairs = paired_stages(acc.unwrap_model(self.model), self.teacher) if (
+            phase.distill and self.teacher is not None and r.distill.feature_weight > 0) else []
+        self.log(f"phase {phase.name}: steps {self.step + 1}-{end}, {phase.optimizer} lr {phase.lr:g} "
+                 f"({phase.lr_schedule}), batch {phase.batch} = {acc.num_processes} x {accum} x {micro}"
+                 + (", EMA" if phase.ema else "") + (", distillation" if phase.distill else ""))
+        while self.step < end:
+            row = self._train_step(phase, index, data, micro, accum, pairs, optimizer, schedule)
+            self.step += 1
+            if self.step == end and phase.ema and self.ema is not None:
+                self.ema.copy_to(acc.unwrap_model(self.model).parameters())  # the phase's result is its EMA
+            row.update(step=self.step, phase=phase.name, seconds=round(time.perf_counter() - started, 3))
+            self.history.append(row)
+            if self.step % r.log.every == 0 or self.step == end:
+                self._log_row(row)
+            if self.step % r.checkpoint.every == 0 or self.step == end or self.step == self.stop_after:
+                self._save_checkpoint(index)
+            if r.validation.every and self.step % r.validation.every == 0:
+                self._validate()
+            if self.stop_after is not None and self.step >= self.stop_after:
+                return False
+        return True
+
+    def _train_step(self, phase: Phase, index: int, data: LatentCache, micro: int, accum: int,
+                    pairs: list[tuple[str, str]], optimizer: Any, schedule: Any) -> dict[str, Any]:
+        r, acc = self.recipe, self.accelerator
+        unwrapped = acc.unwrap_model(self.model)
+        totals = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}
+        for m in range(accum):
+            x0, text, t, noise = self._batch(data, micro, m)
+            noisy = self.noise.add_noise(x0, noise, t)
+            target = self.noise.get_velocity(x0, noise, t) if r.noise.prediction_type == "v_prediction" else noise
+            with acc.accumulate(self.model):
+                with capture(unwrapped, [p[0] for p in pairs]) as s_feats, acc.autocast():
+                    out = self.model(noisy, t, text).sample.float()
+                task = self._task_loss(out, target, t)
+                loss, kd = task, torch.zeros((), device=out.device)
+                if phase.distill and self.teacher is not None:
+                    kd = self._kd_loss(out, noisy, t, text, pairs, s_feats)
+                    loss = task + kd
+                acc.backward(loss)
+                if acc.sync_gradients and r.max_grad_norm is not None:
+                    acc.clip_grad_norm_(self.model.parameters(), r.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in (("loss", loss), ("task_loss", task), ("kd_loss", kd)):
+                totals[key] += float(acc.reduce(value.detach(), "mean")) / accum
+        if not math.isfinite(totals["loss"]):
+            raise FloatingPointError(f"training loss became {totals['loss']} at step {self.step + 1}")
+        lr = schedule.get_last_lr()[0]
+        schedule.step()
+        ema_active = bool(phase.ema and self.ema is not None)
+        if ema_active:
+            self.ema.step(unwrapped.parameters())
+        return {**totals, "lr": lr, "ema": int(ema_active)}
+
+    def _batch(self, data: LatentCache, n: int, micro: int) -> tuple[torch.Tensor, ...]:
+        """(clean latents, text, timesteps, noise) of micro-batch ``micro`` of the coming step."""
+        acc = self.accelerator
+        g = step_generator(self.recipe.seed, self.step, acc.process_index, micro)
+        idx = torch.randint(0, len(data), (n,), generator=g)
+        x0 = data.sample_latents(idx, g)
+        text = data.text[idx].clone()
+        if self.recipe.caption_dropout > 0:
+            drop = torch.rand(n, generator=g) < self.recipe.caption_dropout
+            text[drop] = data.uncond[0]
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (n,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        return tuple(v.to(acc.device) for v in (x0, text, t, noise))
+
+    def _task_loss(self, out: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """MSE per item, weighted by Min-SNR-gamma (Hang et al. 2023) when ``snr_gamma`` is set: min(SNR, gamma)
+        / (SNR + 1) for v-prediction, min(SNR, gamma) / SNR for epsilon (as diffusers' training scripts)."""
+        mse = (out - target.float()).square().mean(dim=list(range(1, out.ndim)))
+        gamma = self.recipe.snr_gamma
+        if gamma is None:
+            return mse.mean()
+        snr = compute_snr(self.noise, t)
+        weight = torch.clamp(snr, max=gamma)
+        weight = weight / (snr + 1) if self.recipe.noise.prediction_type == "v_prediction" else weight / snr
+        return (mse * weight).mean()
+
+    def _kd_loss(self, out: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                 pairs: list[tuple[str, str]], s_feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """BK-SDM: output-level MSE to the teacher, plus feature-level MSE at every paired stage's output."""
+        spec = self.recipe.distill
+        with torch.no_grad(), capture(self.teacher, [p[1] for p in pairs]) as t_feats, \
+                self.accelerator.autocast():
+            t_out = self.teacher(noisy, t, text).sample.float()
+        kd = spec.output_weight * (out - t_out).square().mean()
+        for s_name, t_name in pairs:
+            a, b = s_feats.get(s_name), t_feats.get(t_name)
+            if a is not None and b is not None and a.shape == b.shape:
+                kd = kd + spec.feature_weight * (a.float() - b.float()).square().mean()
+        return kd
+
+    def _optimizer(self, phase: Phase, model: torch.nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if phase.optimizer == "lamb":
+            return Lamb(params, lr=phase.lr, betas=phase.betas, eps=phase.eps, weight_decay=phase.weight_decay)
+        return torch.optim.AdamW(params, lr=phase.lr, betas=phase.betas, eps=phase.eps,
+                                 weight_decay=phase.weight_decay)
+
+    def _micro_batch(self, phase: Phase, index: int) -> tuple[int, int]:
+        """(items per forward pass per process, accumulation steps) with batch = processes x accum x micro."""
+        n = self.accelerator.num_processes
+        if phase.batch % n:
+            raise ConfigError(f"batch {phase.batch} does not split over {n} processes", field=f"phases[{index}].batch")
+        share = phase.batch // n
+        micro = min(phase.micro_batch or share, share)
+        if share % micro:
+            raise ConfigError(f"each process's share ({share}) is not a multiple of micro_batch {micro}",
+                              field=f"phases[{index}].micro_batch")
+        return micro, share // micro
+
+    def _reset_ema(self, phase: Phase) -> None:
+        """A fresh EMA of the weights the phase starts from."""
+        params = list(self.accelerator.unwrap_model(self.model).parameters())
+        self.ema.shadow_params = [p.detach().clone() for p in params]
+        self.ema.optimization_step = 0
+        self.ema.decay = phase.ema_decay
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def _resume_point(self, resume: bool) -> Path | None:
+        """The newest whole checkpoint with ``--resume``; refuse to train over an existing run without it."""
+        found = self.checkpoints()
+        if resume and not found:
+            raise ConfigError(f"nothing to resume: no checkpoint in {self.out / 'checkpoints'}")
+        if not resume and (found or (self.out / "metrics.json").exists()):
+            raise ConfigError(f"{self.out} already holds a run: pass --resume to continue it, or choose another "
+                              "--out")
+        self._pending = found[-1] if resume else None
+        return self._pending
+
+    def checkpoints(self) -> list[Path]:
+        """Whole checkpoints (``state.json`` is written last, inside the renamed folder), oldest first."""
+        root = self.out / "checkpoints"
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
+
+    def _save_checkpoint(self, phase_index: int) -> None:
+        acc = self.accelerator
+        root = self.out / "checkpoints"
+        final = root / f"step-{self.step:08d}"
+        tmp = root / f".tmp-step-{self.step:08d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": self.step, "phase": phase_index, "phase_name": self.recipe.phases[phase_index].name,
+                     "recipe": self.recipe.name, "seconds": round(time.perf_counter() - self._started, 3)}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in self.checkpoints()[:-self.recipe.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def _load(self, ckpt: Path) -> None:
+        """Restore the step from ``ckpt``. Inside a phase, the phase sets itself up and loads the whole state
+        (``self._pending``); at a phase's end only the weights, EMA and RNG states carry over, so they are loaded
+        here with no optimizer prepared (the next phase builds its own)."""
+        state = json.loads((ckpt / "state.json").read_text())
+        self.step = int(state["step"])
+        self._elapsed = float(state.get("seconds", 0.0))
+        r, acc = self.recipe, self.accelerator
+        index = int(state["phase"])
+        phase_end = r.phase_starts()[index] + r.phases[index].steps
+        if self.step >= phase_end:
+            self.model = acc.prepare(self.model)
+            self._prepared = True
+            acc.load_state(str(ckpt))
+            self._pending = None
+            self.log(f"resumed at step {self.step} (end of phase {state['phase_name']})")
+        if acc.is_main_process:  # the loss curve continues from the checkpoint: later rows were never saved
+            with open(self._csv, newline="") as fh:
+                rows = [row for row in csv.DictReader(fh) if int(row["step"]) <= self.step]
+            lines = [",".join(CSV_FIELDS)] + [",".join(row[k] for k in CSV_FIELDS) for row in rows]
+            atomic_write(self._csv, "\n".join(lines) + "\n")
+
+    # ---- logging, validation, the end -----------------------------------------------------------------------
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            with open(self._csv, "a") as fh:
+                fh.write(",".join(_fmt(row[k]) for k in CSV_FIELDS) + "\n")
+            self.log(f"step {row['step']:>7} {row['phase']:>10}  loss {row['loss']:.4f}  lr {row['lr']:.3g}"
+                     + ("  ema" if row["ema"] else ""))
+        acc.log({k: row[k] for k in ("loss", "task_loss", "kd_loss", "lr")}, step=row["step"])
+
+    @torch.no_grad()
+    def _validate(self) -> None:
+        """A grid of samples (DDIM, trailing timesteps, rescaled CFG) for the first distinct validation captions;
+        with EMA running, from the EMA weights."""
+        acc, spec = self.accelerator, self.recipe.validation
+        if not acc.is_main_process:
+            return
+        model = acc.unwrap_model(self.model)
+        data = self.data(self.recipe.phases[self.recipe.phase_at(max(self.step - 1, 0))]).split("val")
+        first: dict[str, int] = {}
+        for i, caption in enumerate(data.captions):
+            if caption not in first and len(first) < spec.num_images:
+                first[caption] = i
+        if not first:
+            return
+        idx = torch.tensor(sorted(first.values()))
+        ema_on = self.ema is not None and self.recipe.phases[self.recipe.phase_at(self.step - 1)].ema
+        if ema_on:
+            self.ema.store(model.parameters())
+            self.ema.copy_to(model.parameters())
+        try:
+            uncond = data.uncond if data.uncond is not None else torch.zeros_like(data.text[:1])
+            with acc.autocast():
+                latents = generate(model, data.text[idx], uncond, self.noise, data.latent_shape, steps=spec.steps,
+                                   guidance=spec.guidance, guidance_rescale=spec.guidance_rescale,
+                                   generator=torch.Generator().manual_seed(spec.seed))
+        finally:
+            if ema_on:
+                self.ema.restore(model.parameters())
+        images = self._decode(latents.float(), data)
+        path = self.out / "validation" / f"step-{self.step:08d}.png"
+        _save_grid(images, path)
+        atomic_write(path.with_suffix(".txt"), "\n".join(data.captions[i] for i in idx.tolist()) + "\n")
+
+    def _decode(self, latents: torch.Tensor, data: LatentCache) -> torch.Tensor:
+        """Images in [0, 1]: through the recipe's VAE if given, else the latents themselves (the digits' "VAE" is
+        the identity; other latents show their first channels)."""
+        spec = self.recipe.validation
+        if spec.vae:
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(self.recipe.path(spec.vae), use_safetensors=True).eval()
+            images = vae.decode(latents / data.scaling_factor).sample
+        else:
+            images = latents[:, :3] if latents.shape[1] >= 3 else latents[:, :1]
+        return ((images.clamp(-1, 1) + 1) / 2).cpu()
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        """Save the final model and write ``metrics.json``."""
+        r = self.recipe
+        model = self.accelerator.unwrap_model(self.model).eval()
+        final = self.out / "model"
+        tmp = self.out / ".tmp-model"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if r.validation.every == 0 or self.step % r.validation.every:
+            self._validate()
+        last = _csv_rows(self._csv)
+        tail = [float(row["loss"]) for row in last if row["phase"] == r.phases[-1].name][-5:]
+        data = self.data(r.phases[-1])
+        ctx = QualityContext(data=data, seed=r.seed, device=str(self.accelerator.device), scheduler=self.noise)
+        metrics: dict[str, Any] = {
+            "recipe": r.name, "steps": self.step, "final_loss": float(np.mean(tail)) if tail else float("nan"),
+            "final_loss_definition": f"mean training loss of the last {len(tail)} logged steps (every "
+                                     f"{r.log.every} steps; Min-SNR weighted: {r.snr_gamma is not None})",
+            "val_loss": evaluate(model, ctx)["task_loss"],
+            "phases": {p.name: float(next((row["loss"] for row in reversed(last) if row["phase"] == p.name), "nan"))
+                       for p in r.phases},
+            "params": sum(p.numel() for p in model.parameters()),
+            "train_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
+            "processes": self.accelerator.num_processes, "mixed_precision": r.mixed_precision,
+        }
+        from .digits import digit_accuracy, is_digits
+
+        if is_digits(data) and r.evaluation.digit_accuracy:
+            e = r.evaluation
+            metrics.update(digit_accuracy(model, data, self.noise, e.samples_per_class, e.steps, e.guidance,
+                                          e.guidance_rescale, e.seed))
+        else:
+            metrics["digit_accuracy"] = None  # only the built-in digits data has a digit classifier
+        atomic_write(self.out / "metrics.json", dump_json(metrics))
+        return metrics
+
+
+def _located(fn: Callable[[], Any], field: str) -> Any:
+    """Run ``fn``; a ConfigError it raises is re-raised naming the recipe field (and keeping its own file)."""
+    try:
+        return fn()
+    except ConfigError as exc:
+        where = f" ({exc.source}{':' + str(exc.line) if exc.line else ''})" if exc.source else ""
+        inner = f"{exc.field}: " if exc.field else ""
+        raise ConfigError(f"{inner}{exc.message}{where}", field=field) from None
+
+
+def _fmt(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)  # exact: a resumed curve compares bit for bit
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
+def _save_grid(images: torch.Tensor, path: Path, min_size: int = 64) -> None:
+    """A one-row PNG of images [N, C, H, W] in [0, 1], upscaled (nearest) so 8x8 digits are visible."""
+    from PIL import Image
+
+    c, h = images.shape[1], images.shape[2]
+    scale = max(1, min_size // h)
+    grid = images.permute(0, 2, 3, 1).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    grid = torch.cat(list(grid), dim=1)  # side by side
+    array = (grid.numpy() * 255).round().astype(np.uint8)
+    image = Image.fromarray(array[..., 0] if c == 1 else array)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
