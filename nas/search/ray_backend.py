@@ -65,7 +65,7 @@ from search_spaces.space import SearchSpace
 from search_spaces.yamlio import dump_yaml
 
 from .objectives import Evaluator
-from .optuna_backend import Evolution, _same_arch, counted, make_sampler, open_study, suggest_arch
+from .optuna_backend import Evolution, _same_arch, counted, make_sampler, open_study, suggest_arch, with_driver
 
 # Driver-side objects (evaluator, storage, log) per experiment name. Ray pickles the searcher and callbacks
 # into its experiment state for Tuner.restore, so they look these up by name instead of holding them.
@@ -78,16 +78,17 @@ _WORKER: dict[str, Evaluator] = {}
 
 
 def run_ray(exp: Experiment, file: str | Path, storage_url: str, resume: bool,
-            log: Callable[[str], Any] = print) -> optuna.Study:
+            log: Callable[[str], Any] = print, allow_pickle: bool = False) -> optuna.Study:
     """Run the experiment's search on Ray (joining ``ray.address`` or starting Ray on 127.0.0.1) and return the
-    Optuna study holding its trials."""
+    Optuna study holding its trials. ``allow_pickle`` lets the driver and the workers read a pickle teacher
+    checkpoint (``--allow-pickle``; see :mod:`search_spaces.checkpoints`)."""
     import ray
     from ray import tune
 
     quality = _asha_objective(exp)
     exp = exp.model_copy(update={"output_dir": str(Path(exp.output_dir).resolve()),
                                  "base_dir": str(Path(exp.base_dir).resolve())})  # workers run elsewhere
-    evaluator = Evaluator(exp, log=log).prepare()  # teacher and profile once, before any worker needs them
+    evaluator = Evaluator(exp, log=log, allow_pickle=allow_pickle).prepare()  # teacher and profile once
     storage = _storage(storage_url)
     study = open_study(exp, storage, resume)
     _save_experiment(exp)
@@ -97,7 +98,9 @@ def run_ray(exp: Experiment, file: str | Path, storage_url: str, resume: bool,
     _DRIVER[exp.name] = {"evaluator": evaluator, "storage": storage, "log": log,
                          "evolution": Evolution(exp, evaluator.space, evaluator)
                          if exp.strategy.name == "evolution" else None}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, exp_data=exp.model_dump()),
+    # workers never touch the storage (only the driver writes to it): they get the experiment without it
+    exp_data = {**exp.model_dump(), "storage": None}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, exp_data=exp_data, allow_pickle=allow_pickle),
                                     {"cpu": exp.ray.cpus_per_trial, "gpu": exp.ray.gpus_per_trial})
     try:
         previous = sorted(p for p in ray_dir.glob("search_*") if tune.Tuner.can_restore(p)) if ray_dir.is_dir() \
@@ -132,11 +135,39 @@ def _asha_objective(exp: Experiment) -> str | None:
     return short[0]
 
 
+# The real URLs of the storages opened by this driver, by their redacted form (see _PrivateRDBStorage).
+_URLS: dict[str, str] = {}
+
+
+class _PrivateRDBStorage(RDBStorage):
+    """An RDBStorage whose pickled form holds the *redacted* URL. Ray pickles the searcher, and with it the
+    storage, into ``runs/<name>/ray/`` (for ``Tuner.restore``); a plain RDBStorage would write the database
+    password there. Unpickled on the driver, it finds the real URL again by the redacted one (the driver opens
+    the storage, and so registers it, before it restores anything)."""
+
+    def __getstate__(self) -> dict[Any, Any]:
+        from nas.redaction import redact
+
+        state = super().__getstate__()
+        state["url"] = redact(self.url)
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        url = _URLS.get(state["url"])
+        if url is None:
+            raise RuntimeError(f"storage {state['url']} is not open in this process: run_ray opens it first")
+        super().__setstate__({**state, "url": url})
+
+
 def _storage(url: str) -> RDBStorage:
     """The study's storage, without heartbeats: nothing under Ray would send them (see the module docstring)."""
+    from nas.redaction import redact
+
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs)
+        storage = _PrivateRDBStorage(with_driver(url), engine_kwargs=engine_kwargs)
+        _URLS[redact(storage.url)] = storage.url
+        return storage
     except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
         from nas.report import redact
 
@@ -317,17 +348,19 @@ def _reason(trial: Any) -> str:
         exc = trial.get_pickled_error()
     except Exception:  # an unpicklable exception: fall back to the text file
         exc = None
+    from nas.redaction import scrub
+
     if exc is not None:
         cause = getattr(exc, "cause", None) or exc
-        return f"{type(cause).__name__}: {cause}".strip()
+        return scrub(f"{type(cause).__name__}: {cause}".strip())
     text = (trial.get_error() or "unknown error").strip().splitlines()
-    return text[-1] if text else "unknown error"
+    return scrub(text[-1]) if text else "unknown error"
 
 
 # ---- worker -----------------------------------------------------------------------------------------------------
 
 
-def _trainable(config: dict[str, Any], exp_data: dict[str, Any]) -> None:
+def _trainable(config: dict[str, Any], exp_data: dict[str, Any], allow_pickle: bool = False) -> None:
     """One trial on a worker: score the arch and report; raises (so Ray records an error) on any failure."""
     from ray import tune
 
@@ -340,7 +373,7 @@ def _trainable(config: dict[str, Any], exp_data: dict[str, Any]) -> None:
                      "nas_constraints": json.dumps(dup["constraints"]), "nas_duplicate_of": dup["of"],
                      "nas_step": _max_step(exp)})
         return
-    evaluator = _worker_evaluator(exp)
+    evaluator = _worker_evaluator(exp, allow_pickle)
     values, constraints, seconds = _evaluate(exp, evaluator, UNetArch.from_dict(nas["arch"]))
     tune.report({**values, "nas_final": True, "nas_seconds": seconds, "nas_constraints": json.dumps(constraints),
                  "nas_step": _max_step(exp)})
@@ -354,13 +387,13 @@ def _max_step(exp: Experiment) -> int:
     return 1
 
 
-def _worker_evaluator(exp: Experiment) -> Evaluator:
+def _worker_evaluator(exp: Experiment, allow_pickle: bool = False) -> Evaluator:
     import torch
 
     key = f"{exp.run_dir}:{exp.name}"
     if key not in _WORKER:
         torch.set_num_threads(max(1, int(exp.ray.cpus_per_trial)))
-        _WORKER[key] = Evaluator(exp).prepare()  # loads the teacher and profile the driver saved
+        _WORKER[key] = Evaluator(exp, allow_pickle=allow_pickle).prepare()  # the teacher, profile the driver saved
     return _WORKER[key]
 
 
