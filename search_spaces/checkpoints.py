@@ -219,21 +219,30 @@ def load_pretrained(cls: Any, path: str | os.PathLike, *, subfolder: str | None 
         raise pickle_refused(f"the weights ({', '.join(p.name for p in pickled)})", str(folder))
     from diffusers import ModelMixin
 
-    # ignore_mismatched_sizes: the libraries then *report* wrong shapes (diffusers only without low_cpu_mem_usage)
-    # instead of raising mid-load, so that all problems end up in one list
+    diffusers_model = issubclass(cls, ModelMixin)
     kwargs = {"local_files_only": True, "use_safetensors": True if (safe or not allow_pickle) else None,
-              "output_loading_info": True, "ignore_mismatched_sizes": True,
-              **({"low_cpu_mem_usage": False} if issubclass(cls, ModelMixin) else {}),
-              **({"subfolder": subfolder} if subfolder else {}), **kwargs}
+              "output_loading_info": True, **({"subfolder": subfolder} if subfolder else {}), **kwargs}
+    # transformers *reports* wrong shapes with ignore_mismatched_sizes; diffusers only without its fast
+    # low_cpu_mem_usage path (which raises at the first wrong shape), so there that costly path is taken only to
+    # list the problems once the fast load has failed
+    listing = {"ignore_mismatched_sizes": True, **({"low_cpu_mem_usage": False} if diffusers_model else {})}
     try:
         with _quiet_libraries():
-            model, info = cls.from_pretrained(str(root), **kwargs)
+            model, info = cls.from_pretrained(str(root), **kwargs, **({} if diffusers_model else listing))
     except Exception as exc:  # the libraries raise OSError, ValueError, RuntimeError, EnvironmentError, ...
         if allow_pickle and not safe:  # say *why* a pickle failed: weights_only refuses a payload
             for p in pickled:
                 load_state_dict(p, allow_pickle=True)
-        raise CheckpointError(f"cannot load {cls.__name__}: {type(exc).__name__}: {_first_line(exc)}",
-                              source=str(folder)) from None
+        info = None
+        if diffusers_model and "shape" in str(exc):
+            try:
+                with _quiet_libraries():
+                    model, info = cls.from_pretrained(str(root), **kwargs, **listing)
+            except Exception:
+                info = None
+        if info is None or not info.get("mismatched_keys"):
+            raise CheckpointError(f"cannot load {cls.__name__}: {type(exc).__name__}: {_first_line(exc)}",
+                                  source=str(folder)) from None
     result = LoadResult(missing=sorted(info.get("missing_keys") or []),
                         unexpected=sorted(info.get("unexpected_keys") or []),
                         mismatched=[(str(n), tuple(a), tuple(b)) for n, a, b in info.get("mismatched_keys") or []])

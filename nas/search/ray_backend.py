@@ -39,14 +39,15 @@ Known limits (also in docs/ray.md):
   without ``error`` (not counted against the budget, like a dead worker's trial in the local backend).
 * Every node must see the repository and the run folder at the same absolute path (a shared filesystem), as
   workers load the teacher and latency profile the driver prepared there. Ray pickles the searcher into
-  ``runs/<name>/ray/``, storage URL included: pass a password through ``storage: {env: VAR}`` and keep that
-  folder private.
+  ``runs/<name>/ray/``; its storage pickles with the URL redacted (``_PrivateRDBStorage``) and the driver finds
+  the real URL again on restore, so no password is written there.
 * The wall-time budget stops running trials (they become PRUNED); the local backend lets the last trial finish.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -70,6 +71,8 @@ from .optuna_backend import Evolution, _same_arch, counted, make_sampler, open_s
 # Driver-side objects (evaluator, storage, log) per experiment name. Ray pickles the searcher and callbacks
 # into its experiment state for Tuner.restore, so they look these up by name instead of holding them.
 _DRIVER: dict[str, dict[str, Any]] = {}
+# Environment variables _connect set for a private local Ray, unset again after it shuts down.
+_DRIVER_ENV: list[str] = []
 # One prepared Evaluator per worker process and experiment (Ray reuses actors between trials).
 _WORKER: dict[str, Evaluator] = {}
 
@@ -121,6 +124,8 @@ def run_ray(exp: Experiment, file: str | Path, storage_url: str, resume: bool,
     finally:
         _DRIVER.pop(exp.name, None)
         ray.shutdown()
+        while _DRIVER_ENV:
+            os.environ.pop(_DRIVER_ENV.pop(), None)
     return optuna.load_study(study_name=exp.name, storage=storage)
 
 
@@ -193,6 +198,13 @@ def _connect(exp: Experiment, log: Callable[[str], Any]) -> None:
         ray.shutdown()
     try:
         if exp.ray.address is None:
+            # Ray 2.60's gRPC servers listen on all interfaces even with a 127.0.0.1 node address: token
+            # authentication is what keeps other users of the machine out. Ray turns it on for local clusters
+            # since 2.59; ask for it explicitly so that it holds on 2.52-2.58 too (an explicit
+            # RAY_AUTH_MODE=disabled from the user is respected)
+            if "RAY_AUTH_MODE" not in os.environ:
+                os.environ["RAY_AUTH_MODE"] = "token"
+                _DRIVER_ENV.append("RAY_AUTH_MODE")  # taken back after ray.shutdown()
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                      configure_logging=False, log_to_driver=False)
         else:
