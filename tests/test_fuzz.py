@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -183,10 +183,13 @@ def texts(kind: str) -> st.SearchStrategy[str]:
 def only_config_errors(load: Callable[[], Any]) -> Any:
     """``load()`` either returns or raises ConfigError; the error names something a user can act on."""
     try:
-        return load()
+        out = load()
     except ConfigError as exc:
         assert str(exc).strip(), "an empty error message"
+        event("refused with ConfigError")
         return exc
+    event("loaded")
+    return out
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -202,6 +205,7 @@ def cli(args: list[str], root: Path) -> Any:
         res = runner.invoke(app, args)
     finally:
         os.chdir(cwd)
+    event(f"exit {res.exit_code}")
     assert res.exit_code in (0, 2), f"exit {res.exit_code}: {res.output}\n{res.exception!r}"
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     assert "Traceback" not in res.output
