@@ -34,6 +34,15 @@ def environment() -> dict[str, Any]:
     }
 
 
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """A matplotlib figure as PNG, written atomically like every other result file."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return atomic_write(path, buf.getvalue())
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

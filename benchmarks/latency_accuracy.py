@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, write_result
+from common import RESULTS, save_figure, write_result
 from scipy.stats import kendalltau, spearmanr
 
 from proxies.cost import arch_costs, constraint_filter
@@ -86,7 +86,7 @@ def scatter(path: Path, measured: np.ndarray, series: dict[str, np.ndarray], tit
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, write_result
+from common import RESULTS, save_figure, write_result
 from scipy.stats import kendalltau, spearmanr
 from sklearn.linear_model import LogisticRegression
 
@@ -212,7 +212,7 @@ def _plot(results: dict, path: Path) -> None:
         ax.scatter([], [], color=c, label=kind)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import yaml
-from common import RESULTS, write_result
+from common import RESULTS, save_figure, write_result
 
 from nas.experiment import Experiment
 from nas.search.objectives import Evaluator
@@ -272,7 +272,7 @@ def _plot(results: dict[str, Any], points: list[tuple[float, float]], front: set
     bx.set_title("the table")
     bx.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 

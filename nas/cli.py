@@ -16,8 +16,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from nas.redaction import scrub
 from proxies.cost import arch_costs, constraint_filter
 from search_spaces import ConfigError, UNetArch, list_archs, load_arch
 from search_spaces.space import SearchSpace
@@ -35,14 +37,17 @@ space_app = typer.Typer(help="Inspect, count and sample search spaces.", no_args
 app.add_typer(arch_app, name="arch")
 app.add_typer(space_app, name="space")
 
-# wide enough for the per-stage table when output goes to a pipe or a file (rich would default to 80 columns)
-console = Console(width=None if sys.stdout.isatty() else 140)
+# wide enough for the per-stage table when output goes to a pipe or a file (rich would default to 80 columns);
+# no markup: what is printed quotes names and values from user files, and '[/x]' there must stay text
+console = Console(width=None if sys.stdout.isatty() else 140, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str) -> typer.Exit:
     """Print one error line on stderr; the caller raises the returned Exit (code 2)."""
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+    # the message quotes user input (keys, values, paths): escaped, so that '[/x]' is text, not rich markup
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(scrub(message))}",
+                                                                markup=True)
     return typer.Exit(code=2)
 
 
@@ -64,6 +69,9 @@ def emit_json(data: Any) -> None:
 
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+AllowPickle = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Also read pickle checkpoints (.bin/.pt/.ckpt), with torch.load(weights_only=True). "
+                           "Off by default: a pickle can run code when it is loaded; prefer safetensors.")]
 
 
 # ---- arch ------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from nas.cli import JsonFlag, app, console, emit_json, user_errors
+from nas.cli import AllowPickle, JsonFlag, app, console, emit_json, user_errors
 from proxies.data import LatentCache, digits_cache, precompute
 
 data_app = typer.Typer(help="Precompute and inspect cached VAE latents and text embeddings.", no_args_is_help=True)
@@ -27,10 +27,11 @@ def data_precompute(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.05,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Encode an image+caption folder once: VAE posterior mean and std, and text embeddings."""
     cache = precompute(folder, vae, text_encoder, resolution=resolution, batch_size=batch_size,
-                       val_fraction=val_fraction, device=device)
+                       val_fraction=val_fraction, device=device, allow_pickle=allow_pickle)
     cache.save(out)
     console.print(f"wrote {len(cache)} items to {out} (latents {list(cache.latent_shape)}, "
                   f"text {list(cache.text.shape[1:])})")

@@ -10,8 +10,9 @@ import typer
 from optuna.trial import TrialState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from nas.cli import app, console, fail, user_errors
+from nas.cli import AllowPickle, app, console, fail, user_errors
 from nas.experiment import Experiment, load_experiment
+from nas.redaction import install_log_filter, remember, scrub
 from nas.report import redact, write_report
 from search_spaces import ConfigError
 from search_spaces.yamlio import atomic_write, dump_yaml, read_file
@@ -27,13 +28,18 @@ def _breakdowns(exp: Experiment, evaluator: Any) -> Any:
     return "GMACs", lambda a: {k: v.macs / 1e9 for k, v in arch_costs(a).stages.items()}
 
 
-def _worker(path: str, storage_url: str) -> None:
+def _worker(path: str, storage_url: str, allow_pickle: bool = False) -> None:
     """A second worker process on the same study (started by --workers)."""
     from nas.search.objectives import Evaluator
     from nas.search.optuna_backend import run_worker
 
     exp = load_experiment(path)
-    run_worker(exp, Evaluator(exp).prepare(), storage_url, resume=True)
+    run_worker(exp, Evaluator(exp, allow_pickle=allow_pickle).prepare(), storage_url, resume=True)
+
+
+def _log(message: str) -> None:
+    """A progress line (teacher training, profile measuring, Ray events), with any storage password hidden."""
+    console.print(scrub(str(message)), style="dim")
 
 
 def _in_file(exc: ConfigError, file: Path) -> ConfigError:
@@ -49,8 +55,11 @@ def search(
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (e.g. postgresql://...); default: "
                                                 "the file's storage, else runs/<name>/study.db.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine.")] = 1,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Run an architecture search; results land in runs/<name>/ (or the file's output_dir)."""
+    install_log_filter()
+    remember(storage)
     exp = load_experiment(file)
     try:
         storage_url = exp.storage_url(storage)
@@ -59,14 +68,14 @@ def search(
     from nas.search.objectives import Evaluator
 
     try:
-        evaluator = Evaluator(exp, log=lambda m: console.print(f"[dim]{m}[/]")).check()
+        evaluator = Evaluator(exp, log=_log, allow_pickle=allow_pickle).check()
     except ConfigError as exc:
         raise _in_file(exc, file) from None
     if exp.backend == "ray":
         from nas.search.ray_backend import run_ray
 
         exp.run_dir.mkdir(parents=True, exist_ok=True)
-        study = run_ray(exp, file, storage_url, resume, log=console.print)
+        study = run_ray(exp, file, storage_url, resume, log=_log, allow_pickle=allow_pickle)
         _finish(exp, study, storage_url, evaluator.prepare())
         return
 
@@ -96,7 +105,8 @@ def search(
     procs = []
     if workers > 1:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(str(file), storage_url), daemon=False) for _ in range(workers - 1)]
+        procs = [ctx.Process(target=_worker, args=(str(file), storage_url, allow_pickle), daemon=False)
+                 for _ in range(workers - 1)]
         for p in procs:
             p.start()
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -143,10 +153,13 @@ def _finish(exp: Experiment, study: Any, storage_url: str, evaluator: Any) -> No
 def report(
     run: Annotated[Path, typer.Argument(help="A run folder (runs/<name>) holding experiment.yaml.")],
     storage: Annotated[str | None, typer.Option(help="Storage URL if not the run's study.db.")] = None,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Regenerate a run's report files from its study."""
     import optuna
 
+    install_log_filter()
+    remember(storage)
     from nas.search.objectives import Evaluator
     from nas.search.optuna_backend import make_storage
 
@@ -161,4 +174,4 @@ def report(
         study = optuna.load_study(study_name=exp.name, storage=make_storage(url, exp))
     except KeyError:
         raise ConfigError(f"no study {exp.name!r} in {redact(url)}", field="storage") from None
-    _finish(exp, study, url, Evaluator(exp).prepare())
+    _finish(exp, study, url, Evaluator(exp, allow_pickle=allow_pickle).prepare())

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from nas.cli import app, console, user_errors
+from nas.cli import AllowPickle, app, console, user_errors
 from search_spaces import ConfigError, load_arch
 
 
@@ -28,6 +28,7 @@ def export_cmd(
                                              "the run's.")] = None,
     storage: Annotated[str | None, typer.Option(help="The run's storage URL if not its study.db.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the weights that are not inherited.")] = 0,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Write a chosen arch as a diffusers model folder with inherited teacher weights and a train.yaml."""
     from nas.export import arch_from_run, export
@@ -49,7 +50,7 @@ def export_cmd(
         teacher_dir, subfolder = teacher, teacher_subfolder
         source = {"arch": str(arch)}
     folder, report = export(chosen, out, teacher=teacher_dir, teacher_subfolder=subfolder, data=data,
-                            recipe=recipe, seed=seed, source=source)
+                            recipe=recipe, seed=seed, source=source, allow_pickle=allow_pickle)
     console.print(f"wrote {folder}: config.json + diffusion_pytorch_model.safetensors, arch.yaml, "
                   "inheritance.json, train.yaml")
     console.print(report.summary() if report is not None else "no teacher: every weight is freshly initialised")
@@ -69,6 +70,7 @@ def train_cmd(
                                         "nothing.")] = False,
     stop_after: Annotated[int | None, typer.Option("--stop-after", min=1, hidden=True,
                                                    help="Stop after this step's checkpoint (testing).")] = None,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Train a model with a recipe (one process; `accelerate launch -m nas train FILE` for many)."""
     from nas.train import Trainer, load_recipe
@@ -82,7 +84,8 @@ def train_cmd(
 
         torch.set_num_threads(threads)
     folder = out or (recipe.path(recipe.output_dir) if recipe.output_dir else Path("runs") / recipe.name)
-    trainer = Trainer(recipe, folder, log=lambda m: console.print(m, highlight=False), stop_after=stop_after)
+    trainer = Trainer(recipe, folder, log=lambda m: console.print(m, highlight=False), stop_after=stop_after,
+                      allow_pickle=allow_pickle)
     try:
         trainer.check()
         metrics = trainer.run(resume=resume)

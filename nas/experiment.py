@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nas.redaction import remember
 from search_spaces import ConfigError
 from search_spaces.yamlio import read_file
 
@@ -209,7 +210,13 @@ class Experiment(_Strict):
 
     def storage_url(self, override: str | None = None) -> str:
         """The Optuna storage URL: ``--storage``, the file's ``storage`` (a URL, or read from an environment
-        variable or a file so that a password never sits in the experiment file), or SQLite in the run folder."""
+        variable or a file so that a password never sits in the experiment file), or SQLite in the run folder.
+        The URL's password is remembered so that nothing the process prints, logs or writes shows it."""
+        url = self._resolve_storage(override)
+        remember(url)
+        return url
+
+    def _resolve_storage(self, override: str | None) -> str:
         value = override if override is not None else self.storage
         if value is None:
             return f"sqlite:///{(self.run_dir / 'study.db').resolve()}"

@@ -21,10 +21,9 @@ from typing import Any
 import torch
 
 from search_spaces import ConfigError, FlexibleUNet2DConditionModel, UNetArch
+from search_spaces.checkpoints import load_unet
 from search_spaces.inherit import InheritanceReport, inherit_weights
 from search_spaces.yamlio import atomic_write, dump_json, dump_yaml, read_file
-
-from .weights import load_unet
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -95,7 +94,8 @@ def default_recipe(data: str | None) -> Path:
 
 def export(arch: UNetArch, out: str | os.PathLike, teacher: str | os.PathLike | None = None,
            teacher_subfolder: str | None = None, data: str | None = None, recipe: str | os.PathLike | None = None,
-           seed: int = 0, source: dict[str, Any] | None = None) -> tuple[Path, InheritanceReport | None]:
+           seed: int = 0, source: dict[str, Any] | None = None,
+           allow_pickle: bool = False) -> tuple[Path, InheritanceReport | None]:
     """Build ``arch`` (fresh weights under ``seed``), inherit the teacher's weights where it keeps a block, and
     write the model folder ``out`` atomically. Returns the folder and the inheritance report."""
     out = Path(out)
@@ -111,7 +111,7 @@ def export(arch: UNetArch, out: str | os.PathLike, teacher: str | os.PathLike | 
     report = None
     teacher_dir = None
     if teacher is not None:
-        teacher_model = load_unet(teacher, teacher_subfolder)
+        teacher_model = load_unet(teacher, subfolder=teacher_subfolder, allow_pickle=allow_pickle)
         report = inherit_weights(student, teacher_model)
         teacher_dir = str(Path(teacher).resolve())
 

@@ -23,18 +23,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.experiment import Experiment
+from nas.redaction import redact, scrub
 from search_spaces import UNetArch
 from search_spaces.yamlio import atomic_write
 
-
-def redact(url: str) -> str:
-    """A storage URL with its password hidden."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL sqlalchemy understands: hide everything after the scheme
-        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+__all__ = ["atomic_write", "pareto_indices", "redact", "write_report"]
 
 
 def pareto_indices(values: list[tuple[float, ...]]) -> list[int]:
@@ -108,7 +101,7 @@ def _write_trials_csv(path: Path, trials: list[FrozenTrial], names: list[str], c
         cons = t.user_attrs.get("constraints", {})
         w.writerow([t.number, t.state.name, *values, t.user_attrs.get("feasible", ""),
                     *[cons.get(c, "") for c in constraints], t.user_attrs.get("seconds", ""),
-                    t.user_attrs.get("duplicate_of", ""), t.user_attrs.get("error", ""),
+                    t.user_attrs.get("duplicate_of", ""), scrub(str(t.user_attrs.get("error", ""))),
                     t.user_attrs.get("arch_summary", ""), json.dumps(t.user_attrs.get("arch"))])
     atomic_write(path, buf.getvalue())
 
@@ -226,7 +219,7 @@ def _summary_md(exp: Experiment, storage_url: str, trials: list[FrozenTrial], fr
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         lines += ["", "## Failed trials", ""]
-        lines += [f"- trial {t.number}: {t.user_attrs.get('error', 'worker lost (heartbeat), retried')}"
+        lines += [f"- trial {t.number}: {scrub(str(t.user_attrs.get('error', 'worker lost (heartbeat), retried')))}"
                   for t in failed]
     lines += ["", "Files: trials.csv, pareto.json, pareto.png, pareto.html, latency_breakdown.png, best/*.yaml. "
               "Browse the study with `optuna-dashboard` on the storage URL.", ""]

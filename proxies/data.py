@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from search_spaces import ConfigError, UNetArch
+from search_spaces.yamlio import atomic_dir
 
 FORMAT_VERSION = 1
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -130,9 +129,7 @@ class LatentCache:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the cache folder atomically: a crash leaves the old folder or none, never a torn one."""
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             tensors = {"mean": self.mean.contiguous(), "std": self.std.contiguous()}
             if self.labels is not None:
                 tensors["labels"] = self.labels.contiguous()
@@ -146,12 +143,6 @@ class LatentCache:
             manifest.update(version=FORMAT_VERSION, n=len(self), latent_shape=list(self.latent_shape),
                             text_shape=list(self.text.shape[1:]))
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     @classmethod
@@ -261,18 +252,18 @@ def read_image_folder(folder: str | os.PathLike) -> list[tuple[Path, str]]:
 @torch.no_grad()
 def precompute(folder: str | os.PathLike, vae_path: str | os.PathLike, text_encoder_path: str | os.PathLike,
                resolution: int = 512, batch_size: int = 8, val_fraction: float = 0.05,
-               device: str = "cpu") -> LatentCache:
+               device: str = "cpu", allow_pickle: bool = False) -> LatentCache:
     """Encode an image+caption folder with a local VAE (``AutoencoderKL.from_pretrained``) and a local CLIP
     text encoder and tokenizer (``from_pretrained`` on a folder holding both, or with ``text_encoder/`` and
-    ``tokenizer/`` subfolders as in an SD checkpoint)."""
+    ``tokenizer/`` subfolders as in an SD checkpoint). Weights load through :mod:`search_spaces.checkpoints`:
+    safetensors only unless ``allow_pickle``, and strictly."""
     from diffusers import AutoencoderKL
     from PIL import Image
     from transformers import AutoTokenizer, CLIPTextModel
 
     pairs = read_image_folder(folder)
-    vae = _load(lambda p, **kw: AutoencoderKL.from_pretrained(p, **kw), vae_path, "vae").to(device).eval()
-    text_model = _load(lambda p, **kw: CLIPTextModel.from_pretrained(p, **kw), text_encoder_path,
-                       "text_encoder").to(device).eval()
+    vae = _load_model(AutoencoderKL, vae_path, "vae", allow_pickle).to(device).eval()
+    text_model = _load_model(CLIPTextModel, text_encoder_path, "text_encoder", allow_pickle).to(device).eval()
     tokenizer = _load(lambda p, **kw: AutoTokenizer.from_pretrained(p, **kw), text_encoder_path, "tokenizer")
 
     means, stds, embs = [], [], []
@@ -305,6 +296,18 @@ def precompute(folder: str | os.PathLike, vae_path: str | os.PathLike, text_enco
     }
     return LatentCache(torch.cat(means), torch.cat(stds), torch.cat(embs), [c for _, c in pairs], manifest,
                        uncond=uncond)
+
+
+def _load_model(cls: Any, path: str | os.PathLike, subfolder: str, allow_pickle: bool) -> Any:
+    """A model from ``path``, or from its ``subfolder`` (an SD checkpoint layout) when ``path`` has no config."""
+    from search_spaces.checkpoints import load_pretrained
+
+    root = Path(path)
+    sub = None if (root / "config.json").is_file() or not (root / subfolder).is_dir() else subfolder
+    try:
+        return load_pretrained(cls, root, subfolder=sub, allow_pickle=allow_pickle)
+    except ConfigError as exc:
+        raise type(exc)(f"cannot load the {subfolder}: {exc.message}", field=exc.field, source=exc.source) from None
 
 
 def _load(fn: Any, path: str | os.PathLike, subfolder: str) -> Any:

@@ -287,10 +287,24 @@ def _stage_dict(s: Stage) -> dict[str, Any]:
 # Structural validation and skip routing
 
 
+# Upper bounds far beyond any real U-Net (SD1.5: 4 stages, 3 ResNets, 1280 channels; SDXL: 10 transformer layers):
+# they only stop an absurd input (``resnets: 1000000000``) from making routing and costing run for hours.
+MAX_STAGES = 16
+MAX_BLOCKS = 256  # ResNets, attentions or transformer layers in one stage
+MAX_WIDTH = 1 << 16  # channels, text width, time embedding width, sample size
+
+
 def _validate(arch: UNetArch) -> None:
     """Check one arch; raise a ConfigError naming the field. Called from ``__post_init__``."""
     if not arch.down or not arch.up:
         raise ConfigError("an arch needs at least one down and one up stage", field="down" if not arch.down else "up")
+    for key in ("down", "up"):
+        if len(getattr(arch, key)) > MAX_STAGES:
+            raise ConfigError(f"at most {MAX_STAGES} stages, got {len(getattr(arch, key))}", field=key)
+    for key in ("sample_size", "in_channels", "out_channels", "cross_attention_dim", "time_embedding_dim",
+                "time_cond_proj_dim"):
+        if (getattr(arch, key) or 0) > MAX_WIDTH:
+            raise ConfigError(f"at most {MAX_WIDTH}, got {getattr(arch, key)}", field=key)
     for key in ("sample_size", "in_channels", "out_channels", "cross_attention_dim", "norm_num_groups"):
         if getattr(arch, key) <= 0:
             raise ConfigError(f"must be positive, got {getattr(arch, key)}", field=key)
@@ -315,6 +329,11 @@ def _validate(arch: UNetArch) -> None:
         if channels % groups:
             raise ConfigError(f"{channels} channels are not divisible by norm_num_groups {groups}",
                               field=f"{where}.channels")
+        if channels > MAX_WIDTH:
+            raise ConfigError(f"at most {MAX_WIDTH}, got {channels}", field=f"{where}.channels")
+        for key in ("resnets", "attentions", "transformer_layers"):
+            if (getattr(s, key) or 0) > MAX_BLOCKS:
+                raise ConfigError(f"at most {MAX_BLOCKS}, got {getattr(s, key)}", field=f"{where}.{key}")
         for key in ("resnets", "attentions"):
             if getattr(s, key) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(s, key)}", field=f"{where}.{key}")

@@ -229,15 +229,21 @@ class FlexibleUNet2DConditionModel(ModelMixin, AttentionMixin, ConfigMixin):
         arch = UNetArch.from_unet2d_config(unet.config)
         with torch.device("meta"):
             model = cls.from_arch(arch)
+        from .checkpoints import load_into
+
         state = {k: v.detach().clone() for k, v in unet.state_dict().items()}  # never alias the source's weights
-        model.load_state_dict(state, strict=True, assign=True)  # keeps the source's dtype and device
+        load_into(model, state, strict=True, assign=True)  # keeps the source's dtype and device
         return model
 
     @classmethod
-    def from_unet2d_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> FlexibleUNet2DConditionModel:
-        """Load an SD-family UNet2DConditionModel checkpoint folder (``UNet2DConditionModel.from_pretrained``
-        arguments such as ``subfolder="unet"`` or ``variant="fp16"`` pass through) as a FlexibleUNet."""
-        return cls.from_unet2d(UNet2DConditionModel.from_pretrained(path, **kwargs))
+    def from_unet2d_pretrained(cls, path: str | os.PathLike, allow_pickle: bool = False,
+                               **kwargs: Any) -> FlexibleUNet2DConditionModel:
+        """Load an SD-family UNet2DConditionModel checkpoint folder as a FlexibleUNet (local files, safetensors
+        only unless ``allow_pickle``, strict; see :mod:`search_spaces.checkpoints`). ``from_pretrained``
+        arguments such as ``subfolder="unet"`` or ``variant="fp16"`` pass through."""
+        from .checkpoints import load_pretrained
+
+        return cls.from_unet2d(load_pretrained(UNet2DConditionModel, path, allow_pickle=allow_pickle, **kwargs))
 
     # ---- forward -----------------------------------------------------------------------------------------
 

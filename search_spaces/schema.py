@@ -6,6 +6,7 @@ with attention, and a stage may give ``head_dim`` instead of ``heads``. Unknown 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,17 +35,21 @@ _ATTENTION_DEFAULT_KEYS = {"heads", "head_dim", "transformer_layers"}
 
 
 def check_type(value: Any, types: type | tuple[type, ...], where: str) -> Any:
-    """Type check that does not let ``True`` pass as an int nor ``1`` as a bool."""
+    """Type check that does not let ``True`` pass as an int nor ``1`` as a bool, nor ``.nan``/``.inf`` pass as a
+    number (no field of an arch, space, profile or spec means anything with them, and they poison sums)."""
     allowed = types if isinstance(types, tuple) else (types,)
     ok = False if isinstance(value, bool) and bool not in allowed else isinstance(value, allowed)
     if not ok:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
         raise ConfigError(f"expected {names}, got {type(value).__name__} {value!r}", field=where)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"must be a finite number, got {value}", field=where)
     return value
 
 
 def check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(data) - allowed)
+    # YAML keys need not be strings (``1: x``, ``null: y``): sort them as text, never compare mixed types
+    unknown = sorted((k for k in data if k not in allowed), key=lambda k: (not isinstance(k, str), str(k)))
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})",
                           field=f"{where}.{unknown[0]}" if where else str(unknown[0]))

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -102,6 +105,40 @@ def atomic_write(path: str | os.PathLike, content: str | bytes) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return p
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A folder written as a whole: yields an empty temporary sibling (``.NAME.tmp-XXXX``) to fill; on success
+    it replaces ``path`` by renames, on any error it is removed. A crash leaves the old folder or none, never a
+    half-written one (a model folder whose config and weights disagree would load as the wrong network).
+
+    An existing ``path`` is first renamed aside, then the new folder is renamed into place, then the old one is
+    deleted: the moment between the two renames is the only one in which ``path`` is absent."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file of a folder to disk before it is renamed into place (as ``atomic_write`` does)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def dump_yaml(data: Any) -> str:

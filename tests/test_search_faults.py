@@ -326,6 +326,85 @@ def test_a_wrong_postgres_password_is_one_clear_error_that_shows_no_password(tmp
     assert not (tmp_path / "runs").exists()
 
 
+CHEAP_PG = """name: {name}
+seed: 0
+space: digits
+objectives:
+  - {{name: params, kind: params}}
+  - {{name: macs, kind: macs, batch: 2}}
+constraints:
+  - {{objective: params, max: 350000}}
+strategy: {{name: evolution, population: 2, prefilter: 2}}
+budget: {{trials: 4}}
+references: [digits]
+storage: {{env: NAS_TEST_DB}}
+"""
+
+
+def test_a_postgres_search_leaves_the_password_in_no_file_no_output_and_no_log_record(tmp_path, monkeypatch,
+                                                                                      postgres):
+    """The must-show of the hardening issue, in process so that every log record of every library is seen: with
+    debug logging on for the root, optuna, sqlalchemy and ray loggers, a search and a resume (the second with
+    the password on the command line, the worst case) leave the password nowhere under runs/, in no output and in
+    no log record."""
+    import logging
+    from urllib.parse import quote
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NAS_TEST_DB", postgres.url)
+    path = tmp_path / "exp.yaml"
+    path.write_text(CHEAP_PG.format(name="pg_secret"))
+    records: list[logging.LogRecord] = []
+    make_record = logging.getLogRecordFactory()
+
+    def capture(*args, **kwargs):  # every record any logger creates, whatever its handlers
+        record = make_record(*args, **kwargs)
+        records.append(record)
+        return record
+
+    logging.setLogRecordFactory(capture)
+    loggers = [logging.getLogger(n) for n in ("", "optuna", "sqlalchemy", "sqlalchemy.engine", "ray", "nas")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+    try:
+        first = runner.invoke(app, ["search", str(path)])
+        resumed = runner.invoke(app, ["search", str(path), "--resume", "--storage", postgres.url])
+        reported = runner.invoke(app, ["report", str(tmp_path / "runs" / "pg_secret"), "--storage", postgres.url])
+        # a library that logs a connection string: the record is scrubbed too
+        logging.getLogger("some.library").warning("connecting to %s", postgres.url)
+    finally:
+        logging.setLogRecordFactory(make_record)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+    for res in (first, resumed, reported):
+        assert res.exit_code == 0, res.output
+    secrets_ = {postgres.password, quote(postgres.password, safe="")}
+    files = [f for f in (tmp_path / "runs").rglob("*") if f.is_file()]
+    assert {"trials.csv", "summary.md", "experiment.yaml", "pareto.json", "pareto.html"} <= {f.name for f in files}
+    leaked = [str(f) for f in files for s in secrets_ if s.encode() in f.read_bytes()]
+    assert not leaked, f"the database password is written in {leaked}"
+    assert ":***@" in (tmp_path / "runs" / "pg_secret" / "summary.md").read_text()
+    assert all(s not in res.output for res in (first, resumed, reported) for s in secrets_)
+    assert len(records) > 50  # logging was live: optuna and sqlalchemy logged at debug level
+    messages = [r.getMessage() + (r.exc_text or "") for r in records]
+    assert not [m for m in messages if any(s in m for s in secrets_)]
+    assert "connecting to postgresql://nas:***@127.0.0.1" in messages[-1]
+
+
+def test_the_ray_searcher_pickles_its_storage_without_the_password(postgres):
+    """Ray pickles the searcher (and so the storage) into runs/<name>/ray/ for Tuner.restore."""
+    import pickle
+
+    from nas.search.ray_backend import _storage
+
+    storage = _storage(postgres.url)
+    blob = pickle.dumps(storage)
+    assert postgres.password.encode() not in blob and b":***@" in blob
+    restored = pickle.loads(blob)  # on the driver, which has opened the storage, the real URL is found again
+    assert restored.url == storage.url and restored.get_all_studies() is not None
+
+
 # ---- broken experiment files -----------------------------------------------------------------------------------
 
 CHEAP = """name: broken

@@ -7,8 +7,6 @@ latency predictors, a CPU profile measured on first use) is prepared once per pr
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,8 +55,9 @@ class Evaluator:
     """Scores archs for one experiment. ``prepare()`` does the one-time work (teacher, profile) and is safe to
     call again: it reuses what the run folder already holds."""
 
-    def __init__(self, exp: Experiment, log: Any = None):
+    def __init__(self, exp: Experiment, log: Any = None, allow_pickle: bool = False):
         self.exp = exp
+        self.allow_pickle = allow_pickle  # --allow-pickle: a pickle teacher checkpoint may be read (weights_only)
         self.space = load_space(exp)
         self.log = log or (lambda msg: None)
         self._ctx = None
@@ -129,31 +128,22 @@ class Evaluator:
 
     def _teacher(self, ctx: Any) -> torch.nn.Module:
         from proxies.quality.train import train
-        from search_spaces import FlexibleUNet2DConditionModel
+        from search_spaces.checkpoints import load_unet, save_pretrained
 
         spec = self.exp.teacher
         if spec.path is not None:
-            root = self.exp.path(spec.path)
-            kwargs = {"subfolder": spec.subfolder} if spec.subfolder else {}
-            try:
-                model = FlexibleUNet2DConditionModel.from_pretrained(root, **kwargs)
-            except (OSError, ValueError, TypeError):
-                model = FlexibleUNet2DConditionModel.from_unet2d_pretrained(root, **kwargs)
+            model = load_unet(self.exp.path(spec.path), subfolder=spec.subfolder, allow_pickle=self.allow_pickle)
             ctx.data.check_compatible(model.arch)
             return model.to(self.exp.device).eval()
         saved = self.exp.run_dir / "teacher"
         if (saved / "config.json").is_file():
-            return FlexibleUNet2DConditionModel.from_pretrained(saved).to(self.exp.device).eval()
+            return load_unet(saved).to(self.exp.device).eval()  # written here, as safetensors
         arch = get_arch(spec.arch) if not Path(spec.arch).exists() else load_arch(spec.arch)
         self.log(f"training the teacher {spec.arch} for {spec.train_steps} steps")
         model = ctx.build(arch, seed=self.exp.seed)
         train(model, ctx, spec.train_steps, lr=spec.lr, seed=self.exp.seed)
-        tmp = saved.with_name(f"teacher.tmp{os.getpid()}")
-        model.save_pretrained(tmp)
-        try:
-            tmp.replace(saved)  # atomic: a crash leaves no half-written teacher to be reused
-        except OSError:  # another worker saved it first
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not (saved / "config.json").is_file():  # else another worker saved it first
+            save_pretrained(model, saved)  # atomic: a crash leaves no half-written teacher to be reused
         return model.eval()
 
     def _predictor(self, obj: Objective) -> Any:

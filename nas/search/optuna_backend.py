@@ -33,6 +33,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from nas.experiment import Experiment
+from nas.redaction import scrub
 from search_spaces import ConfigError, UNetArch
 from search_spaces.space import SearchSpace
 
@@ -219,7 +220,7 @@ def make_objective(exp: Experiment, evaluator: Evaluator) -> Callable[[Trial], t
             if bad:
                 raise FloatingPointError(f"objective {bad[0]} is {values[bad[0]]}")
         except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            trial.set_user_attr("error", scrub(f"{type(exc).__name__}: {exc}")[:500])
             raise
         trial.set_user_attr("constraints", ev_constraints)
         for label, value in ev_constraints.items():

@@ -39,14 +39,15 @@ Known limits (also in docs/ray.md):
   without ``error`` (not counted against the budget, like a dead worker's trial in the local backend).
 * Every node must see the repository and the run folder at the same absolute path (a shared filesystem), as
   workers load the teacher and latency profile the driver prepared there. Ray pickles the searcher into
-  ``runs/<name>/ray/``, storage URL included: pass a password through ``storage: {env: VAR}`` and keep that
-  folder private.
+  ``runs/<name>/ray/``; its storage pickles with the URL redacted (``_PrivateRDBStorage``) and the driver finds
+  the real URL again on restore, so no password is written there.
 * The wall-time budget stops running trials (they become PRUNED); the local backend lets the last trial finish.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -65,11 +66,13 @@ from search_spaces.space import SearchSpace
 from search_spaces.yamlio import dump_yaml
 
 from .objectives import Evaluator
-from .optuna_backend import Evolution, _same_arch, counted, make_sampler, open_study, suggest_arch
+from .optuna_backend import Evolution, _same_arch, counted, make_sampler, open_study, suggest_arch, with_driver
 
 # Driver-side objects (evaluator, storage, log) per experiment name. Ray pickles the searcher and callbacks
 # into its experiment state for Tuner.restore, so they look these up by name instead of holding them.
 _DRIVER: dict[str, dict[str, Any]] = {}
+# Environment variables _connect set for a private local Ray, unset again after it shuts down.
+_DRIVER_ENV: list[str] = []
 # One prepared Evaluator per worker process and experiment (Ray reuses actors between trials).
 _WORKER: dict[str, Evaluator] = {}
 
@@ -78,16 +81,17 @@ _WORKER: dict[str, Evaluator] = {}
 
 
 def run_ray(exp: Experiment, file: str | Path, storage_url: str, resume: bool,
-            log: Callable[[str], Any] = print) -> optuna.Study:
+            log: Callable[[str], Any] = print, allow_pickle: bool = False) -> optuna.Study:
     """Run the experiment's search on Ray (joining ``ray.address`` or starting Ray on 127.0.0.1) and return the
-    Optuna study holding its trials."""
+    Optuna study holding its trials. ``allow_pickle`` lets the driver and the workers read a pickle teacher
+    checkpoint (``--allow-pickle``; see :mod:`search_spaces.checkpoints`)."""
     import ray
     from ray import tune
 
     quality = _asha_objective(exp)
     exp = exp.model_copy(update={"output_dir": str(Path(exp.output_dir).resolve()),
                                  "base_dir": str(Path(exp.base_dir).resolve())})  # workers run elsewhere
-    evaluator = Evaluator(exp, log=log).prepare()  # teacher and profile once, before any worker needs them
+    evaluator = Evaluator(exp, log=log, allow_pickle=allow_pickle).prepare()  # teacher and profile once
     storage = _storage(storage_url)
     study = open_study(exp, storage, resume)
     _save_experiment(exp)
@@ -97,7 +101,9 @@ def run_ray(exp: Experiment, file: str | Path, storage_url: str, resume: bool,
     _DRIVER[exp.name] = {"evaluator": evaluator, "storage": storage, "log": log,
                          "evolution": Evolution(exp, evaluator.space, evaluator)
                          if exp.strategy.name == "evolution" else None}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, exp_data=exp.model_dump()),
+    # workers never touch the storage (only the driver writes to it): they get the experiment without it
+    exp_data = {**exp.model_dump(), "storage": None}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, exp_data=exp_data, allow_pickle=allow_pickle),
                                     {"cpu": exp.ray.cpus_per_trial, "gpu": exp.ray.gpus_per_trial})
     try:
         previous = sorted(p for p in ray_dir.glob("search_*") if tune.Tuner.can_restore(p)) if ray_dir.is_dir() \
@@ -118,6 +124,8 @@ def run_ray(exp: Experiment, file: str | Path, storage_url: str, resume: bool,
     finally:
         _DRIVER.pop(exp.name, None)
         ray.shutdown()
+        while _DRIVER_ENV:
+            os.environ.pop(_DRIVER_ENV.pop(), None)
     return optuna.load_study(study_name=exp.name, storage=storage)
 
 
@@ -132,11 +140,39 @@ def _asha_objective(exp: Experiment) -> str | None:
     return short[0]
 
 
+# The real URLs of the storages opened by this driver, by their redacted form (see _PrivateRDBStorage).
+_URLS: dict[str, str] = {}
+
+
+class _PrivateRDBStorage(RDBStorage):
+    """An RDBStorage whose pickled form holds the *redacted* URL. Ray pickles the searcher, and with it the
+    storage, into ``runs/<name>/ray/`` (for ``Tuner.restore``); a plain RDBStorage would write the database
+    password there. Unpickled on the driver, it finds the real URL again by the redacted one (the driver opens
+    the storage, and so registers it, before it restores anything)."""
+
+    def __getstate__(self) -> dict[Any, Any]:
+        from nas.redaction import redact
+
+        state = super().__getstate__()
+        state["url"] = redact(self.url)
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        url = _URLS.get(state["url"])
+        if url is None:
+            raise RuntimeError(f"storage {state['url']} is not open in this process: run_ray opens it first")
+        super().__setstate__({**state, "url": url})
+
+
 def _storage(url: str) -> RDBStorage:
     """The study's storage, without heartbeats: nothing under Ray would send them (see the module docstring)."""
+    from nas.redaction import redact
+
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs)
+        storage = _PrivateRDBStorage(with_driver(url), engine_kwargs=engine_kwargs)
+        _URLS[redact(storage.url)] = storage.url
+        return storage
     except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
         from nas.report import redact
 
@@ -162,6 +198,13 @@ def _connect(exp: Experiment, log: Callable[[str], Any]) -> None:
         ray.shutdown()
     try:
         if exp.ray.address is None:
+            # Ray 2.60's gRPC servers listen on all interfaces even with a 127.0.0.1 node address: token
+            # authentication is what keeps other users of the machine out. Ray turns it on for local clusters
+            # since 2.59; ask for it explicitly so that it holds on 2.52-2.58 too (an explicit
+            # RAY_AUTH_MODE=disabled from the user is respected)
+            if "RAY_AUTH_MODE" not in os.environ:
+                os.environ["RAY_AUTH_MODE"] = "token"
+                _DRIVER_ENV.append("RAY_AUTH_MODE")  # taken back after ray.shutdown()
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                      configure_logging=False, log_to_driver=False)
         else:
@@ -317,17 +360,19 @@ def _reason(trial: Any) -> str:
         exc = trial.get_pickled_error()
     except Exception:  # an unpicklable exception: fall back to the text file
         exc = None
+    from nas.redaction import scrub
+
     if exc is not None:
         cause = getattr(exc, "cause", None) or exc
-        return f"{type(cause).__name__}: {cause}".strip()
+        return scrub(f"{type(cause).__name__}: {cause}".strip())
     text = (trial.get_error() or "unknown error").strip().splitlines()
-    return text[-1] if text else "unknown error"
+    return scrub(text[-1]) if text else "unknown error"
 
 
 # ---- worker -----------------------------------------------------------------------------------------------------
 
 
-def _trainable(config: dict[str, Any], exp_data: dict[str, Any]) -> None:
+def _trainable(config: dict[str, Any], exp_data: dict[str, Any], allow_pickle: bool = False) -> None:
     """One trial on a worker: score the arch and report; raises (so Ray records an error) on any failure."""
     from ray import tune
 
@@ -340,7 +385,7 @@ def _trainable(config: dict[str, Any], exp_data: dict[str, Any]) -> None:
                      "nas_constraints": json.dumps(dup["constraints"]), "nas_duplicate_of": dup["of"],
                      "nas_step": _max_step(exp)})
         return
-    evaluator = _worker_evaluator(exp)
+    evaluator = _worker_evaluator(exp, allow_pickle)
     values, constraints, seconds = _evaluate(exp, evaluator, UNetArch.from_dict(nas["arch"]))
     tune.report({**values, "nas_final": True, "nas_seconds": seconds, "nas_constraints": json.dumps(constraints),
                  "nas_step": _max_step(exp)})
@@ -354,13 +399,13 @@ def _max_step(exp: Experiment) -> int:
     return 1
 
 
-def _worker_evaluator(exp: Experiment) -> Evaluator:
+def _worker_evaluator(exp: Experiment, allow_pickle: bool = False) -> Evaluator:
     import torch
 
     key = f"{exp.run_dir}:{exp.name}"
     if key not in _WORKER:
         torch.set_num_threads(max(1, int(exp.ray.cpus_per_trial)))
-        _WORKER[key] = Evaluator(exp).prepare()  # loads the teacher and profile the driver saved
+        _WORKER[key] = Evaluator(exp, allow_pickle=allow_pickle).prepare()  # the teacher, profile the driver saved
     return _WORKER[key]
 
 

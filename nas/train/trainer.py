@@ -44,9 +44,9 @@ from proxies.quality.base import QualityContext, evaluate
 from proxies.quality.sampling import generate
 from proxies.quality.train import capture, paired_stages
 from search_spaces import ConfigError, FlexibleUNet2DConditionModel, load_arch
+from search_spaces.checkpoints import load_pretrained, load_unet
 from search_spaces.yamlio import atomic_write, dump_json
 
-from ..weights import load_unet
 from .lamb import Lamb
 from .recipe import Phase, Recipe
 
@@ -73,8 +73,9 @@ class Trainer:
     ``metrics.json``. ``stop_after`` ends the run (as if killed) right after that global step's checkpoint."""
 
     def __init__(self, recipe: Recipe, out: str | os.PathLike, log: Callable[[str], None] = print,
-                 stop_after: int | None = None):
+                 stop_after: int | None = None, allow_pickle: bool = False):
         self.recipe = recipe
+        self.allow_pickle = allow_pickle  # read pickle teacher/model weights (weights-only); see checkpoints
         self.out = Path(out)
         self.log = log
         self.stop_after = stop_after
@@ -99,7 +100,8 @@ class Trainer:
         arch = self.model.arch
         self.teacher = None
         if r.teacher is not None and any(p.distill for p in r.phases):
-            self.teacher = _located(lambda: load_unet(r.path(r.teacher.path), r.teacher.subfolder), "teacher.path")
+            self.teacher = _located(lambda: load_unet(r.path(r.teacher.path), subfolder=r.teacher.subfolder,
+                                                        allow_pickle=self.allow_pickle), "teacher.path")
         for i, phase in enumerate(r.phases):
             data = _located(lambda phase=phase: self.data(phase), f"phases[{i}].data" if phase.data else "data")
             _located(lambda data=data: data.check_compatible(arch), "model")
@@ -119,7 +121,8 @@ class Trainer:
     def _build_model(self) -> FlexibleUNet2DConditionModel:
         spec = self.recipe.model
         if spec.pretrained is not None:
-            return _located(lambda: load_unet(self.recipe.path(spec.pretrained), spec.subfolder), "model.pretrained")
+            return _located(lambda: load_unet(self.recipe.path(spec.pretrained), subfolder=spec.subfolder,
+                                                 allow_pickle=self.allow_pickle), "model.pretrained")
         ref = self.recipe.path(spec.arch)
         arch = _located(lambda: load_arch(ref if ref.is_file() else spec.arch), "model.arch")
         set_seed(self.recipe.seed)
@@ -438,7 +441,7 @@ class Trainer:
         if spec.vae:
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(self.recipe.path(spec.vae), use_safetensors=True).eval()
+            vae = load_pretrained(AutoencoderKL, self.recipe.path(spec.vae), allow_pickle=self.allow_pickle).eval()
             images = vae.decode(latents / data.scaling_factor).sample
         else:
             images = latents[:, :3] if latents.shape[1] >= 3 else latents[:, :1]
