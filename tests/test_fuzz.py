@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from nas.cli import app
 from nas.experiment import load_experiment
+from nas.train.recipe import load_recipe
 from proxies.latency import LatencyProfile
 from proxies.latency.profile import FORMAT
 from proxies.latency.roofline import load_spec
@@ -71,9 +72,10 @@ strategy: {name: random, population: 2}
 budget: {trials: 2}
 references: [tiny]
 """
+RECIPE_TEXT = (ROOT / "experiments" / "train_digits.yaml").read_text()
 CSV_TEXT = "number,state,params,arch_json\n0,COMPLETE,12345,\"{\"\"down\"\": []}\"\n1,FAIL,,\n"
 SEEDS = {"arch": ARCH_TEXT, "space": SPACE_TEXT, "profile": PROFILE_TEXT, "spec": SPEC_TEXT,
-         "experiment": EXPERIMENT_TEXT, "csv": CSV_TEXT}
+         "experiment": EXPERIMENT_TEXT, "recipe": RECIPE_TEXT, "csv": CSV_TEXT}
 
 # ---- strategies -------------------------------------------------------------------------------------------------
 
@@ -265,14 +267,14 @@ def test_latency_profiles_load_or_raise_config_error(data):
         assert LatencyProfile.from_dict(profile.to_dict()).blocks.keys() == profile.blocks.keys()
 
 
-@given(st.sampled_from(["arch", "space", "profile", "spec", "experiment"]), st.data())
+@given(st.sampled_from(["arch", "space", "profile", "spec", "experiment", "recipe"]), st.data())
 def test_every_file_loader_takes_any_text(kind, data):
     text = data.draw(texts(kind))
     with tempfile.TemporaryDirectory() as tmp:
         path = _write(Path(tmp), f"{kind}.yaml", text)
         load = {"arch": lambda: load_arch(path), "space": lambda: SearchSpace.from_yaml(path),
                 "profile": lambda: LatencyProfile.load(path), "spec": lambda: load_spec(path),
-                "experiment": lambda: load_experiment(path)}[kind]
+                "experiment": lambda: load_experiment(path), "recipe": lambda: load_recipe(path)}[kind]
         out = only_config_errors(load)
         if isinstance(out, ConfigError):
             assert out.source == str(path), str(out)
@@ -311,3 +313,13 @@ def test_cli_search_takes_any_experiment_and_writes_nothing_when_it_fails(data):
         root = Path(tmp)
         path = _write(root, "exp.yaml", data.draw(texts("experiment")))
         cli(["search", str(path)], root)
+
+
+@settings(max_examples=40)
+@given(st.data())
+def test_cli_train_check_takes_any_recipe(data):
+    """``train --check`` validates a recipe (the data and model too) and trains nothing: exit 0 or one error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        path = _write(root, "recipe.yaml", data.draw(texts("recipe")))
+        cli(["train", str(path), "--check"], root)
