@@ -29,6 +29,7 @@ FORMAT = "unet-nas-latency-profile/1"
 DTYPES = ("fp32", "fp16", "bf16")
 VAE_SCALE = 8  # SD-family VAEs downsample images 8x: a 512 px image is a 64x64 latent
 STATISTICS = ("min", "p5", "p10", "p20", "p25", "median")
+EXTERNAL = "external"  # the device of a profile imported from timings taken outside PyTorch (ONNX toolchains)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class Settings:
     """The shape and numerics a latency is measured or predicted for.
 
     ``resolution`` is the *image* size in pixels (512 for SD1.5); the U-Net runs on ``resolution // 8`` latents.
-    ``device``/``threads``/``channels_last``/``compile`` describe how the measurement ran; only ``dtype``,
+    ``device``/``threads``/``channels_last``/``compile`` describe how the measurement ran (``device: external``:
+    imported from another toolchain's timings, see ``proxies.latency.onnx_import``); only ``dtype``,
     ``batch``, ``resolution`` and ``text_len`` define the query a profile may answer.
     """
 
@@ -50,7 +52,7 @@ class Settings:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+        if not (self.device in ("cpu", "cuda", EXTERNAL) or self.device.startswith("cuda:")):
             raise ConfigError(f"must be cpu, cuda or cuda:N, got {self.device!r}", field="device")
         if self.dtype not in DTYPES:
             raise ConfigError(f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}", field="dtype")
