@@ -107,12 +107,14 @@ def profile_run_onnx(
                        ] = None,
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 3,
     min_repeats: Annotated[int, typer.Option(help="Timed runs at least.")] = 10,
-    max_repeats: Annotated[int, typer.Option(help="Timed runs at most (stops earlier once the median is stable).")
-                           ] = 50,
+    max_repeats: Annotated[int, typer.Option(help="Timed runs at most (stops earlier once the statistic is "
+                                                   "stable).")] = 50,
+    statistic: Annotated[str, typer.Option(help="median (default), or min / pNN: robuster on a loaded machine.")
+                         ] = "median",
     as_json: JsonOut = False,
 ) -> None:
     """Time every model of an export with ONNX Runtime (warm-up, median of repeats, spread) and write the
-    key,ms,repeats,spread CSV that `profile import` reads."""
+    key,ms,repeats,spread CSV that `profile import` reads (ms: the --statistic of the repeats)."""
     from proxies.latency.onnx_export import load_manifest
     from proxies.latency.onnx_runtime import time_manifest, write_timings
     from proxies.latency.profile import Protocol
@@ -121,7 +123,7 @@ def profile_run_onnx(
     if threads is not None and threads <= 0:
         raise ConfigError(f"must be positive, got {threads}", field="--threads")
     try:
-        protocol = Protocol(statistic="median", warmup=warmup, min_repeats=min_repeats, max_repeats=max_repeats)
+        protocol = Protocol(statistic=statistic, warmup=warmup, min_repeats=min_repeats, max_repeats=max_repeats)
     except ConfigError as exc:
         raise ConfigError(exc.message, field=f"--{exc.field.replace('_', '-')}") from None
     out = out or folder / "timings.csv"
@@ -145,13 +147,15 @@ def profile_import(
     runtime: Annotated[str, typer.Option(help="The runtime and options, e.g. 'qaic-runner, SDK 1.18, fp16'.")],
     out: Annotated[Path, typer.Option(help="Profile YAML to write.")],
     space: Annotated[Path | None, typer.Option(help="The space file, if not where the export recorded it.")] = None,
+    statistic: Annotated[str, typer.Option(help="What the CSV's ms is: median (default), min or pNN of the runs.")
+                         ] = "median",
     as_json: JsonOut = False,
 ) -> None:
     """Turn a toolchain's per-model timings into a LUT profile (same predictor, correction fitted on the
     calibration networks). Missing/unknown keys, bad times, a changed export or space: one error, no file."""
     from proxies.latency.onnx_import import import_profile
 
-    prof = import_profile(folder, timings, device_name, runtime, out, space)
+    prof = import_profile(folder, timings, device_name, runtime, out, space, statistic)
     corr = prof.correction
     summary = {"out": str(out), "device_name": prof.device_name, "blocks": len(prof.blocks),
                "calibration_networks": len(prof.calibration), "settings": prof.settings.query(),

@@ -204,8 +204,10 @@ def _set(row: int, col: int, value: str):
     (_csv_edit(lambda rows: rows.append(list(rows[1]))), "appears twice"),
     (_csv_edit(lambda rows: rows[0].__setitem__(1, "median")), ":1: the header must name"),
     (_changed_space, "space no longer matches the export"),
+    (lambda export, tmp: ["--statistic", "mean"], "--statistic: must be one of"),
 ], ids=["tampered-manifest", "tampered-file", "missing-key", "negative-time", "zero-time", "non-numeric-time",
-        "nan-time", "fractional-repeats", "unknown-key", "duplicate-key", "bad-header", "changed-space"])
+        "nan-time", "fractional-repeats", "unknown-key", "duplicate-key", "bad-header", "changed-space",
+        "bad-statistic"])
 def test_import_refuses_bad_input_and_writes_nothing(flow, tmp_path, break_it, message):
     export = tmp_path / "export"
     shutil.copytree(flow["export"], export)
@@ -229,6 +231,8 @@ def test_run_onnx_user_errors(flow, tmp_path):
     assert res.exit_code == 2 and "TensorrtExecutionProvider" in res.stderr and not (tmp_path / "t.csv").exists()
     res = _run("profile", "run-onnx", flow["export"], "--provider", "tpu")
     assert res.exit_code == 2 and "--provider" in res.stderr
+    res = _run("profile", "run-onnx", flow["export"], "--statistic", "mean", "--out", tmp_path / "t.csv")
+    assert res.exit_code == 2 and "--statistic" in res.stderr and not (tmp_path / "t.csv").exists()
 
 
 def test_onnx_exports_trained_weights_and_fp16(tmp_path):

@@ -114,12 +114,17 @@ def check_space(manifest: Manifest, space_file: str | os.PathLike | None = None)
 
 
 def import_profile(root: str | os.PathLike, timings: str | os.PathLike, device_name: str, runtime: str,
-                   out: str | os.PathLike | None = None, space_file: str | os.PathLike | None = None
-                   ) -> LatencyProfile:
-    """Build (and with ``out``, write atomically) the LUT profile of an export's timings; see the module docstring."""
+                   out: str | os.PathLike | None = None, space_file: str | os.PathLike | None = None,
+                   statistic: str = "median") -> LatencyProfile:
+    """Build (and with ``out``, write atomically) the LUT profile of an export's timings; see the module docstring.
+    ``statistic`` says what the CSV's ``ms`` summarises (recorded in the profile's protocol)."""
     for name, value in (("--device-name", device_name), ("--runtime", runtime)):
         if not value.strip():
             raise ConfigError("must not be empty", field=name)
+    try:
+        Protocol(statistic=statistic)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, field="--statistic") from None
     manifest = load_manifest(root)
     check_space(manifest, space_file)
     times = read_timings(timings, [m.key for m in manifest.models])
@@ -128,9 +133,9 @@ def import_profile(root: str | os.PathLike, timings: str | os.PathLike, device_n
     profile = LatencyProfile(
         settings=Settings(device=EXTERNAL, dtype=s.dtype, batch=s.batch, resolution=s.resolution,
                           text_len=s.text_len, threads=None),
-        # the CSV carries one number per model (its median), the repeat counts and the spread; warm-up is the
-        # runtime's own and not known here
-        protocol=Protocol(statistic="median", warmup=0, min_repeats=min(repeats), max_repeats=max(repeats)),
+        # the CSV carries one number per model (its median, or the named statistic), the repeat counts and the
+        # spread; warm-up is the runtime's own and not known here
+        protocol=Protocol(statistic=statistic, warmup=0, min_repeats=min(repeats), max_repeats=max(repeats)),
         device_name=device_name.strip(),
         environment={
             "source": "onnx import",

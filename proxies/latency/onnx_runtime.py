@@ -26,7 +26,7 @@ import numpy as np
 from search_spaces.errors import ConfigError
 from search_spaces.yamlio import atomic_write
 
-from .onnx_export import Manifest, ModelEntry, ort_session, require_onnx
+from .onnx_export import Manifest, ort_session, require_onnx
 from .profile import Protocol, Timing
 from .timing import _stable, summarise
 
@@ -92,8 +92,10 @@ def _ms(fn: Callable[[], Any]) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def time_interleaved(models: Sequence[Callable[[], Any]], protocol: Protocol) -> list[Timing]:
-    """Warm up, then round after round one run of each model, until every model's statistic is stable."""
+def time_interleaved(models: Sequence[Callable[[], Any]], protocol: Protocol,
+                     samples_out: list[list[float]] | None = None) -> list[Timing]:
+    """Warm up, then round after round one run of each model, until every model's statistic is stable
+    (``samples_out`` receives each model's raw milliseconds, for other statistics of the same runs)."""
     for _ in range(protocol.warmup):
         for m in models:
             m()
@@ -103,18 +105,21 @@ def time_interleaved(models: Sequence[Callable[[], Any]], protocol: Protocol) ->
             samples[k].append(_ms(m))
         if all(_stable(s, protocol) for s in samples):
             break
+    if samples_out is not None:
+        samples_out.extend(samples)
     return [summarise(s, protocol) for s in samples]
 
 
 def time_files(paths: Sequence[str | os.PathLike], provider: str = "cpu", threads: int | None = 1,
                protocol: Protocol = DEFAULT_PROTOCOL, group: int = 6, fp16: bool = False,
-               on_group: Callable[[int], None] | None = None) -> list[Timing]:
+               on_group: Callable[[int], None] | None = None,
+               samples_out: list[list[float]] | None = None) -> list[Timing]:
     """Time ONNX files interleaved in groups of ``group`` (``group=1``: one at a time)."""
     providers = providers_for(provider, fp16)
     out: list[Timing] = []
     for start in range(0, len(paths), group):
         models = [OrtModel(p, providers, threads) for p in paths[start:start + group]]
-        out.extend(time_interleaved(models, protocol))
+        out.extend(time_interleaved(models, protocol, samples_out))
         del models
         if on_group is not None:
             on_group(len(out))
@@ -123,8 +128,10 @@ def time_files(paths: Sequence[str | os.PathLike], provider: str = "cpu", thread
 
 def time_manifest(manifest: Manifest, provider: str = "cpu", threads: int | None = 1,
                   protocol: Protocol = DEFAULT_PROTOCOL, group: int = 6,
-                  progress: ProgressFn | None = None) -> dict[str, Timing]:
-    """Every model of a verified export: blocks one at a time, calibration networks interleaved."""
+                  progress: ProgressFn | None = None,
+                  samples_out: dict[str, list[float]] | None = None) -> dict[str, Timing]:
+    """Every model of a verified export: blocks one at a time, calibration networks interleaved
+    (``samples_out`` receives each model's raw milliseconds by key)."""
     if manifest.settings.dtype == "bf16":
         raise ConfigError("the ONNX Runtime runner times fp32 and fp16 exports; time a bf16 export with your "
                           "toolchain and import its CSV", field="dtype", source=str(manifest.root))
@@ -134,7 +141,10 @@ def time_manifest(manifest: Manifest, provider: str = "cpu", threads: int | None
     for i, entry in enumerate(blocks):
         if progress:
             progress("blocks", i, len(blocks), entry.key)
-        out[entry.key] = time_files([manifest.path(entry)], provider, threads, protocol, 1, fp16)[0]
+        raw: list[list[float]] = []
+        out[entry.key] = time_files([manifest.path(entry)], provider, threads, protocol, 1, fp16, samples_out=raw)[0]
+        if samples_out is not None:
+            samples_out[entry.key] = raw[0]
     if progress:
         progress("blocks", len(blocks), len(blocks), "")
         progress("networks", 0, len(networks), "")
@@ -143,18 +153,20 @@ def time_manifest(manifest: Manifest, provider: str = "cpu", threads: int | None
         if progress:
             progress("networks", n, len(networks), "")
 
-    timings = time_files([manifest.path(e) for e in networks], provider, threads, protocol, group, fp16, done)
+    raw = []
+    timings = time_files([manifest.path(e) for e in networks], provider, threads, protocol, group, fp16, done, raw)
     out.update({e.key: t for e, t in zip(networks, timings, strict=True)})
+    if samples_out is not None:
+        samples_out.update({e.key: r for e, r in zip(networks, raw, strict=True)})
     return out
 
 
-def timings_csv(timings: dict[str, Timing] | Sequence[tuple[ModelEntry, Timing]]) -> str:
+def timings_csv(timings: dict[str, Timing]) -> str:
     """The CSV text: ``key,ms,repeats,spread`` with ms the run's statistic and spread in percent."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
-    items = timings.items() if isinstance(timings, dict) else [(e.key, t) for e, t in timings]
-    for key, t in items:
+    for key, t in timings.items():
         writer.writerow([key, f"{t.ms:.6g}", t.repeats, f"{t.spread_pct:.2f}"])
     return buf.getvalue()
 
