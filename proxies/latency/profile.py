@@ -30,6 +30,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 VAE_SCALE = 8  # SD-family VAEs downsample images 8x: a 512 px image is a 64x64 latent
 _PROFILE_DIR = Path(__file__).parent / "profiles"
 STATISTICS = ("min", "p5", "p10", "p20", "p25", "median")
+EXTERNAL = "external"  # the device of a profile imported from timings taken outside PyTorch (ONNX toolchains)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class Settings:
     """The shape and numerics a latency is measured or predicted for.
 
     ``resolution`` is the *image* size in pixels (512 for SD1.5); the U-Net runs on ``resolution // 8`` latents.
-    ``device``/``threads``/``channels_last``/``compile``/``cuda_graph`` describe how the measurement ran; only
+    ``device``/``threads``/``channels_last``/``compile``/``cuda_graph`` describe how the measurement ran
+    (``device: external``: imported from another toolchain's timings, see ``proxies.latency.onnx_import``); only
     ``dtype``, ``batch``, ``resolution`` and ``text_len`` define the query a profile may answer.
 
     ``cuda_graph`` times replays of a captured CUDA graph instead of eager launches. Measured on an H100 at
@@ -57,8 +59,8 @@ class Settings:
     cuda_graph: bool = False
 
     def __post_init__(self) -> None:
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ConfigError(f"must be cpu, cuda or cuda:N, got {self.device!r}", field="device")
+        if not (self.device in ("cpu", "cuda", EXTERNAL) or self.device.startswith("cuda:")):
+            raise ConfigError(f"must be cpu, cuda, cuda:N or {EXTERNAL}, got {self.device!r}", field="device")
         if self.dtype not in DTYPES:
             raise ConfigError(f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}", field="dtype")
         for key in ("batch", "resolution", "text_len"):

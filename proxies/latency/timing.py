@@ -20,7 +20,7 @@ import numpy as np
 from search_spaces.arch import UNetArch
 from search_spaces.errors import ConfigError
 
-from .profile import Protocol, Settings, Timing
+from .profile import EXTERNAL, Protocol, Settings, Timing
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -35,6 +35,10 @@ def torch_device(settings: Settings) -> Any:
     """The torch device of ``settings``; asking for CUDA on a machine without it is a user error."""
     import torch
 
+    if settings.device == EXTERNAL:
+        raise ConfigError("this profile was imported from timings taken outside PyTorch (device: external); "
+                          "it cannot be measured here: time the exported networks with that toolchain",
+                          field="device")
     if settings.is_cuda and not torch.cuda.is_available():
         raise ConfigError(f"device {settings.device!r} requested but CUDA is not available on this machine",
                           field="device")
