@@ -101,6 +101,11 @@ def profile(
 
         prof = run_profile(sp, settings, out, protocol=protocol, extra_archs=extra, calibration=calibration,
                            seed=seed, restart=restart, space_label=label, progress=progress)
+    report_profile(prof, out, as_json)
+
+
+def report_profile(prof: Any, out: Path, as_json: bool) -> None:
+    """What a written profile holds (``profile`` and ``profile import``): JSON, or two lines for a person."""
     corr = prof.correction
     summary = {"out": str(out), "device_name": prof.device_name, "settings": prof.settings.__dict__,
                "blocks": len(prof.blocks), "calibration_networks": len(prof.calibration),

@@ -153,20 +153,10 @@ def profile_import(
 ) -> None:
     """Turn a toolchain's per-model timings into a LUT profile (same predictor, correction fitted on the
     calibration networks). Missing/unknown keys, bad times, a changed export or space: one error, no file."""
+    from nas.cli_latency import report_profile
     from proxies.latency.onnx_import import import_profile
 
-    prof = import_profile(folder, timings, device_name, runtime, out, space, statistic)
-    corr = prof.correction
-    summary = {"out": str(out), "device_name": prof.device_name, "blocks": len(prof.blocks),
-               "calibration_networks": len(prof.calibration), "settings": prof.settings.query(),
-               "correction": None if corr is None else corr.__dict__}
-    if as_json:
-        emit_json(summary)
-        return
-    console.print(f"wrote {out}: {len(prof.blocks)} blocks, {len(prof.calibration)} networks on {prof.device_name}")
-    if corr is not None:
-        console.print(f"correction: whole = {corr.scale:.3f} x block sum + {corr.offset_ms:.3f} ms "
-                      f"(fit error {corr.fit_mape_pct:.1f}% over {corr.n} networks)")
+    report_profile(import_profile(folder, timings, device_name, runtime, out, space, statistic), out, as_json)
 
 
 @app.command("onnx")

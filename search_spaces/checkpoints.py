@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ConfigError
-from .yamlio import atomic_dir
+from .yamlio import atomic_dir, atomic_file
 
 if TYPE_CHECKING:
     from .flexible_unet import FlexibleUNet2DConditionModel
@@ -111,16 +111,8 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
     p = Path(path)
     if p.suffix != SAFE_SUFFIX:
         raise ValueError(f"checkpoints are written as safetensors: {p} should end in {SAFE_SUFFIX}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
+    with atomic_file(p) as tmp:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return p
 
 

@@ -89,22 +89,29 @@ def load_validated(path: str | os.PathLike, build: Callable[[Any], T], prefix: s
         raise exc.located(str(path), lines, prefix) from None
 
 
-def atomic_write(path: str | os.PathLike, content: str | bytes) -> Path:
-    """Write to a temporary name in the same folder, flush to disk, then rename over ``path``: a crash or a full
-    disk leaves the old file or none, never a torn one. Used for every file UNet-NAS writes."""
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A file written as a whole: yields a temporary name in the same folder for the caller to write; on success
+    it is flushed to disk and renamed over ``path``, on any error removed. A crash or a full disk leaves the old
+    file or none, never a torn one."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(content.encode("utf-8") if isinstance(content, str) else content)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, p)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return p
+
+
+def atomic_write(path: str | os.PathLike, content: str | bytes) -> Path:
+    """``content`` written through :func:`atomic_file`. Used for every file UNet-NAS writes."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+    return Path(path)
 
 
 @contextmanager
