@@ -191,8 +191,11 @@ class Trainer:
         acc.free_memory()  # drop the previous phase's optimizer and schedule from accelerate's checkpoint lists
         model = acc.unwrap_model(self.model) if hasattr(self, "_prepared") else self.model
         optimizer = self._optimizer(phase, model)
-        schedule = get_scheduler(phase.lr_schedule, optimizer, num_warmup_steps=phase.warmup_steps,
-                                 num_training_steps=phase.steps)
+        # accelerate's prepared scheduler steps once per process on every optimizer step (as diffusers' training
+        # scripts assume), so the schedule is laid out over steps x processes to span the phase exactly
+        n = acc.num_processes
+        schedule = get_scheduler(phase.lr_schedule, optimizer, num_warmup_steps=phase.warmup_steps * n,
+                                 num_training_steps=phase.steps * n)
         self.model, optimizer, schedule = acc.prepare(model, optimizer, schedule)
         self._prepared = True
         micro, accum = self._micro_batch(phase, index)
