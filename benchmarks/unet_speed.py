@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,7 @@ from diffusers import UNet2DConditionModel
 
 from proxies.cost import arch_costs
 from proxies.latency.profile import Settings
-from proxies.latency.timing import graphed
+from proxies.latency.timing import graphed, make_timer
 from search_spaces import get_arch
 from search_spaces.flexible_unet import FlexibleUNet2DConditionModel
 
@@ -59,34 +58,12 @@ def inputs(cross_dim: int, args: argparse.Namespace, device: torch.device, n_set
     return out
 
 
-def make_timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-        def cuda_timer(fn: Callable[[], Any]) -> float:
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-
-        return cuda_timer
-
-    def cpu_timer(fn: Callable[[], Any]) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-    return cpu_timer
-
-
 def time_interleaved(models: dict[str, tuple[torch.nn.Module, list[tuple]]], device: torch.device, warmup: int,
                      iters: int, cuda_graph: bool = False) -> dict[str, list[float]]:
     """One forward of each model in turn, ``iters`` rounds after ``warmup`` rounds; input sets rotate. With
     ``cuda_graph`` each (model, input set) forward is captured once and its replays are timed."""
-    timer = make_timer(device)
     graph = Settings(device=str(device), cuda_graph=cuda_graph)  # graphed() is the identity without it
+    timer = make_timer(graph)
     samples: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         calls = {name: [graphed(lambda m=model, x=x: m(*x, return_dict=False), graph) for x in sets]
