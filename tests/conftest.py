@@ -89,3 +89,19 @@ def scaled_reference(name: str, width: int = 32) -> dict[str, Any]:
     data["time_embedding_dim"] = 4 * width
     data["sample_size"] = 16
     return data
+
+
+# a space small enough to profile in seconds (2 stages, 16/32 channels); latency and ONNX tests share it
+MICRO_SPACE_YAML = """
+name: micro
+base: tiny
+stages: [2]
+attention: {heads: [2], transformer_layers: [1, 2]}
+down:
+  - {channels: 16, resnets: [1, 2], attentions: [0, 1]}
+  - {channels: 32, resnets: 1, attentions: [0, 1]}
+mid: {resnets: [0, 1], attentions: [0, 1]}
+up:
+  - {channels: 32, attentions: [0, 1]}
+  - {channels: 16, attentions: [0, 1]}
+"""

@@ -24,20 +24,9 @@ from proxies.latency.profiler import run_profile
 from proxies.latency.roofline import RooflinePredictor, list_specs, load_spec, spec_from_dict
 from search_spaces import ConfigError, get_arch
 from search_spaces.space import SearchSpace
+from tests.conftest import MICRO_SPACE_YAML
 
-SPACE_YAML = """
-name: micro
-base: tiny
-stages: [2]
-attention: {heads: [2], transformer_layers: [1, 2]}
-down:
-  - {channels: 16, resnets: [1, 2], attentions: [0, 1]}
-  - {channels: 32, resnets: 1, attentions: [0, 1]}
-mid: {resnets: [0, 1], attentions: [0, 1]}
-up:
-  - {channels: 32, attentions: [0, 1]}
-  - {channels: 16, attentions: [0, 1]}
-"""
+SPACE_YAML = MICRO_SPACE_YAML
 SETTINGS = Settings(device="cpu", dtype="fp32", batch=1, resolution=64, text_len=8, threads=1)
 FAST = Protocol(warmup=1, min_repeats=2, max_repeats=3)
 runner = CliRunner()

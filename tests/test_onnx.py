@@ -28,20 +28,9 @@ from proxies.latency.onnx_runtime import time_files
 from proxies.latency.profile import LatencyProfile, Protocol, Settings
 from search_spaces.flexible_unet import FlexibleUNet2DConditionModel
 from search_spaces.space import SearchSpace
+from tests.conftest import MICRO_SPACE_YAML
 
-SPACE_YAML = """
-name: micro
-base: tiny
-stages: [2]
-attention: {heads: [2], transformer_layers: [1, 2]}
-down:
-  - {channels: 16, resnets: [1, 2], attentions: [0, 1]}
-  - {channels: 32, resnets: 1, attentions: [0, 1]}
-mid: {resnets: [0, 1], attentions: [0, 1]}
-up:
-  - {channels: 32, attentions: [0, 1]}
-  - {channels: 16, attentions: [0, 1]}
-"""
+SPACE_YAML = MICRO_SPACE_YAML
 SHAPE = ["--batch", "1", "--resolution", "64", "--text-len", "8"]
 SETTINGS = Settings(dtype="fp32", batch=1, resolution=64, text_len=8, threads=None)
 FAST = Protocol(statistic="median", warmup=2, min_repeats=5, max_repeats=10)
