@@ -10,8 +10,8 @@ its libraries. diffusers resolves such a name from the modules the caller has im
 module because a folder names it: that would run the folder's choice of code), and finds the loading method
 through the base classes that module imports (``ModelMixin``). So a fresh interpreter does ``import
 search_spaces.flexible_unet`` (or ``from search_spaces import FlexibleUNet2DConditionModel``) first, then
-``DiffusionPipeline.from_pretrained(DIR)`` loads it: no remote code, no ``trust_remote_code``. (The bare package name ``search_spaces`` would not do: diffusers looks ``ModelMixin`` up
-in the named module itself.)
+``DiffusionPipeline.from_pretrained(DIR)`` loads it: no remote code, no ``trust_remote_code``. (The bare
+package name ``search_spaces`` would not do: diffusers looks ``ModelMixin`` up in the named module itself.)
 
 diffusers has no config-driven default for call arguments, so the recipe's guidance (scale and the rescale of
 Lin et al. 2023) is written to ``sampling.json`` beside ``model_index.json``; :func:`sampling_defaults` reads
