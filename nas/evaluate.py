@@ -528,10 +528,12 @@ class Evaluation:
                                   "speedup_per_image": t_sec / s_sec,
                                   "speedup_vs_teacher_fewest_steps": t_own_sec / s_sec})
                 first = next((r for r in sweep if r["matches"]), None)
+                sure = next((r["steps"] for r in sweep if r["matches_at_95"]), None)
                 rows.append({
                     "student": spec.name, "sampler": sampler, "teacher_steps": cfg.reference_steps,
                     "teacher_fid": target, "tolerance": cfg.tolerance,
                     "matching_steps": first["steps"] if first else None,
+                    "matching_steps_at_95": sure,  # the interval's upper end within the tolerance too
                     "speedup_per_image": first["speedup_per_image"] if first else None,
                     "teacher_fewest_matching_steps": own,
                     "speedup_vs_teacher_fewest_steps": first["speedup_vs_teacher_fewest_steps"] if first else None,
