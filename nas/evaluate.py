@@ -8,7 +8,8 @@ and the same per-prompt starting noise, then scored:
 * a **text-alignment score**: the CLIP score with a local CLIP model (torchmetrics), or on the built-in digits the
   digit accuracy of a classifier trained on the real digits;
 * **seconds per image** on the device, measured separately (one image, classifier-free guidance as a batch of 2,
-  after a warm-up, the minimum and median of ``timing_repeats``): the U-Net steps alone and the whole pipeline;
+  after a warm-up, the minimum and median of ``timing_repeats``, the models taking turns within each repeat): the
+  U-Net steps alone and the whole pipeline;
 * the **headline**: the fewest steps at which each student's FID is within ``tolerance`` of the teacher's at its
   reference step count, the paired bootstrap interval of the FID difference, and the speed-up per image.
 
@@ -400,20 +401,26 @@ class Evaluation:
             advance()
         return torch.cat(batches)
 
-    def _time(self, model: Any, sampler: str, steps: int) -> dict[str, Any]:
-        """Seconds for one image (warm-up first): the whole pipeline and the U-Net calls inside it."""
-        self.backend.generate(model, [0], sampler, steps)
-        total, unet = [], []
+    def _time(self, models: dict[str, Any], sampler: str, steps: int) -> dict[str, dict[str, Any]]:
+        """Seconds for one image per model (warm-up first): the whole pipeline and the U-Net calls inside it.
+        The models take turns within each repeat, so a change of machine load hits all of them alike."""
+        for model in models.values():
+            self.backend.generate(model, [0], sampler, steps)
+        total: dict[str, list[float]] = {name: [] for name in models}
+        unet: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(self.cfg.timing_repeats):
-            calls: list[float] = []
-            with _timed(self.backend.unet(model), calls):
-                t0 = time.perf_counter()
-                self.backend.generate(model, [0], sampler, steps)
-                total.append(time.perf_counter() - t0)
-            unet.append(sum(calls))
-        return {"pipeline_min": min(total), "pipeline_median": float(np.median(total)), "unet_min": min(unet),
-                "unet_median": float(np.median(unet)), "repeats": len(total),
-                "noise_floor": (float(np.median(total)) - min(total)) / min(total)}
+            for name, model in models.items():
+                calls: list[float] = []
+                with _timed(self.backend.unet(model), calls):
+                    t0 = time.perf_counter()
+                    self.backend.generate(model, [0], sampler, steps)
+                    total[name].append(time.perf_counter() - t0)
+                unet[name].append(sum(calls))
+        return {name: {"pipeline_min": min(total[name]), "pipeline_median": float(np.median(total[name])),
+                       "unet_min": min(unet[name]), "unet_median": float(np.median(unet[name])),
+                       "repeats": len(total[name]),
+                       "noise_floor": (float(np.median(total[name])) - min(total[name])) / min(total[name])}
+                for name in models}
 
     def run(self) -> dict[str, Any]:
         from rich.progress import Progress
@@ -440,7 +447,11 @@ class Evaluation:
                 feats[k] = backend.features(images)
                 text[k] = backend.text_scores(images, list(range(len(images))))
                 self._grid(spec.name, sampler, steps, images)
-                seconds[k] = self._time(models[spec.name], sampler, steps)
+            bar.update(task, description="timing")
+            for sampler in cfg.samplers:
+                for steps in cfg.steps:
+                    for name, timing in self._time(models, sampler, steps).items():
+                        seconds[(name, sampler, steps)] = timing
         result = self._report(feats, text, seconds, real)
         atomic_write(self.out / "evaluation.json", dump_json(result))
         self._plots(result)
@@ -488,7 +499,8 @@ class Evaluation:
             "notes": [
                 "fid / relative_fid / text scores are deterministic under the seed on one machine and thread count; "
                 "intervals are 95% bootstrap percentiles over the prompt/seed pairs",
-                "seconds_per_image: one image (guidance as a batch of 2) after a warm-up; minimum and median of "
+                "seconds_per_image: one image (guidance as a batch of 2) after a warm-up, the models taking turns "
+                "within each repeat; minimum and median of "
                 "the repeats; noise_floor = (median - min) / min; measured on this machine under its load",
             ],
         }
@@ -597,6 +609,7 @@ class Evaluation:
             for h in result["headline"][:1]:
                 ax.axhline(h["teacher_fid"] * (1 + h["tolerance"]), ls="--", c="grey", lw=1,
                            label=f"teacher @ {h['teacher_steps']} steps +{h['tolerance']:.0%}")
+            ax.set_xscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(metric.replace("_", " ").upper() if metric == "fid" else "relative FID")
             ax.set_title(f"{'FID' if metric == 'fid' else 'relative FID'} against {xlabel.split(' (')[0]}\n"
