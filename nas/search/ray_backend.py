@@ -208,6 +208,7 @@ def _connect(exp: Experiment, log: Callable[[str], Any]) -> None:
                      configure_logging=False, log_to_driver=False)
         else:
             _probe(exp.ray.address)
+            _reset_ray_auth_cache()  # a token given in the environment after Ray was imported must count
             ray.init(address=exp.ray.address, configure_logging=False, log_to_driver=False)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, AuthenticationError...
         _disconnect()
