@@ -147,7 +147,7 @@ def test_todays_cache_converts_to_a_sharded_dataset(tmp_path):
     convert_cache(cache, tmp_path / "digits", shard_bytes=64 << 10)
     ds = ShardedDataset(tmp_path / "digits")
     assert len(ds.train) > 1 and len(ds) == cache.manifest["splits"]["train"]
-    back = ds.small_cache("val", limit=10**6)
+    back = ds.in_memory(val=10**6).split("val")
     val = cache.split("val")
     assert torch.equal(back.mean, val.mean.half().float()) and back.captions == val.captions
     assert torch.equal(back.labels, val.labels) and torch.equal(back.uncond, cache.uncond)

@@ -165,23 +165,29 @@ class ShardedDataset:
             left -= n
         return np.concatenate(parts) if parts else np.empty(0, dtype=self.dtype)
 
-    def small_cache(self, split: str = "val", limit: int = 256) -> Any:
-        """A bounded in-memory :class:`~proxies.data.LatentCache` of a split's first ``limit`` records (the
-        training split when there is no validation split), for validation images, held-out losses and the
-        quality proxies. Text as embeddings only."""
+    def in_memory(self, train: int = 0, val: int = 256, encode: Any = None) -> Any:
+        """A bounded in-memory :class:`~proxies.data.LatentCache` of the first ``train`` training and ``val``
+        validation records (the first training records stand in when there is no validation split), for
+        validation images, held-out losses and the quality proxies: its size is set here, not by the dataset."""
         from proxies.data import LatentCache
 
-        if self.text_mode != "embeddings":
-            raise ConfigError("this dataset stores token ids: an in-memory cache needs embeddings",
+        if self.text_mode != "embeddings" and encode is None:
+            raise ConfigError("this dataset stores token ids: an in-memory cache needs the text encoder",
                               source=self.url)
-        rec = self.records(split if (self.val or split == "train") else "train", limit)
-        manifest = {**self.manifest, "splits": {"train": 0 if split == "val" else len(rec),
-                                                "val": len(rec) if split == "val" else 0}}
+        parts = [self.records("train", train)] if train else []
+        held_out = self.records("val" if self.val else "train", val) if val else self.records("train", 0)
+        rec = np.concatenate([*parts, held_out])
+        manifest = {**self.manifest, "splits": {"train": len(rec) - len(held_out), "val": len(held_out)},
+                    "held_out": "val" if self.val else "train (the dataset has no validation split)"}
+        if self.text_mode == "embeddings":
+            text, uncond = torch.from_numpy(rec["text"].astype(np.float32)), self.uncond
+        else:
+            text = encode(torch.from_numpy(rec["tokens"].astype(np.int64))).cpu()
+            uncond = None if self.uncond is None else encode(self.uncond).cpu()
         return LatentCache(torch.from_numpy(rec["mean"].astype(np.float32)),
-                           torch.from_numpy(rec["std"].astype(np.float32)),
-                           torch.from_numpy(rec["text"].astype(np.float32)),
+                           torch.from_numpy(rec["std"].astype(np.float32)), text,
                            [decode_caption(c) for c in rec["caption"]], manifest,
-                           torch.from_numpy(rec["label"]) if "label" in rec.dtype.names else None, self.uncond)
+                           torch.from_numpy(rec["label"]) if "label" in rec.dtype.names else None, uncond)
 
     def close(self) -> None:
         for f in self._files.values():
