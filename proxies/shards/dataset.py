@@ -11,6 +11,7 @@ batch is therefore a pure function of the positions it holds, on any number of p
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,11 @@ class ShardedDataset:
         if not self.train:
             raise ConfigError("the dataset has no training shards" + (f" ({len(self.skipped)} skipped as bad)"
                                                                        if self.skipped else ""), source=source)
-        self._files: dict[str, ShardFile] = {}
+        self._files: OrderedDict[str, ShardFile] = OrderedDict()
+        # open shards kept at once: a remote cache must be able to hold them all (an evicted shard's disk space
+        # is freed when its last descriptor closes), a local folder only bounds descriptors
+        largest = max(s.bytes for s in self.index.shards)
+        self.max_open = max(1, cache_bytes // largest) if isinstance(self.store, CachedStore) else 64
         self.manifest: dict[str, Any] = {**self.index.meta, "path": self.url, "n": len(self)}
 
     def _check_shards(self, skip_bad: bool, verify: str) -> None:
@@ -139,7 +144,10 @@ class ShardedDataset:
     def shard_file(self, info: ShardInfo) -> ShardFile:
         f = self._files.get(info.file)
         if f is None:
+            while len(self._files) >= self.max_open:
+                self._files.popitem(last=False)[1].close()
             f = self._files[info.file] = ShardFile(self.store.local(info), info, self.dtype)
+        self._files.move_to_end(info.file)
         return f
 
     def read(self, shards: list[ShardInfo], shard_idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
