@@ -260,11 +260,10 @@ class Trainer:
         acc.free_memory()  # drop the previous phase's optimizer and schedule from accelerate's checkpoint lists
         model = acc.unwrap_model(self.model) if hasattr(self, "_prepared") else self.model
         optimizer = self._optimizer(phase, model)
-        # accelerate's prepared scheduler steps once per process on every optimizer step (as diffusers' training
-        # scripts assume), so the schedule is laid out over steps x processes to span the phase exactly
-        n = acc.num_processes
-        schedule = get_scheduler(phase.lr_schedule, optimizer, num_warmup_steps=phase.warmup_steps * n,
-                                 num_training_steps=phase.steps * n)
+        # the Accelerator is built with step_scheduler_with_optimizer=False, so a prepared scheduler steps once per
+        # call (once per optimizer step) on every process count: the schedule is laid out over the phase's steps
+        schedule = get_scheduler(phase.lr_schedule, optimizer, num_warmup_steps=phase.warmup_steps,
+                                 num_training_steps=phase.steps)
         self.model, optimizer, schedule = acc.prepare(model, optimizer, schedule)
         self._prepared = True
         micro, accum = self._micro_batch(phase, index)
@@ -272,6 +271,7 @@ class Trainer:
         if self._pending is not None:  # resuming inside this phase: optimizer and schedule state too
             acc.load_state(str(self._pending))
             self._pending = None
+            _rescale_schedule(schedule, self.step - start)  # a checkpoint of a run before this fix counted processes
             self.log(f"resumed at step {self.step} (phase {phase.name})")
         if self.ema is not None and phase.ema and self.step == start:
             self._reset_ema(phase)
@@ -582,6 +582,18 @@ def _located(fn: Callable[[], Any], field: str) -> Any:
         where = f" ({exc.source}{':' + str(exc.line) if exc.line else ''})" if exc.source else ""
         inner = f"{exc.field}: " if exc.field else ""
         raise ConfigError(f"{inner}{exc.message}{where}", field=field) from None
+
+
+def _rescale_schedule(schedule: Any, position: int) -> None:
+    """Put a resumed LR schedule at ``position`` (optimizer steps done in the phase), whatever the process count
+    of the run that saved it (checkpoints written while the schedule was laid out over steps x processes
+    continue correctly too). The diffusers schedules are ``LambdaLR``s: the rate is a function of the position."""
+    inner = getattr(schedule, "scheduler", schedule)
+    inner.last_epoch = position
+    lrs = [base * lam(position) for base, lam in zip(inner.base_lrs, inner.lr_lambdas, strict=True)]
+    for group, lr in zip(inner.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    inner._last_lr = lrs
 
 
 def _fmt(value: Any) -> str:

@@ -124,8 +124,7 @@ class ShardedDataset:
         """The empty caption's embedding [1, L, D] or token ids [1, L]."""
         if self.index.uncond is None:
             return None
-        dtype = torch.float32 if self.text_mode == "embeddings" else torch.long
-        return torch.tensor(self.index.uncond, dtype=dtype)[None]
+        return torch.from_numpy(self.index.uncond.copy())[None]
 
     def check_compatible(self, arch: UNetArch, text_width: int | None = None) -> None:
         """Refuse data that cannot feed ``arch``: latent channels, or text width (embeddings, or the online

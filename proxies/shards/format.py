@@ -217,14 +217,15 @@ class DatasetIndex:
     spec: RecordSpec
     shards: list[ShardInfo]
     meta: dict[str, Any] = field(default_factory=dict)  # resolution, scaling_factor, vae, text_encoder, source
-    uncond: list[Any] | None = None  # the empty caption's embedding [L, D] or token ids [L]
+    uncond: np.ndarray | None = None  # the empty caption's embedding [L, D] (float32) or token ids [L] (int64)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "record": self.spec.to_json(),
                 "record_bytes": self.spec.record_bytes, **self.meta,
                 "n": sum(s.count for s in self.shards),
                 "splits": {k: sum(s.count for s in self.shards if s.split == k) for k in ("train", "val")},
-                "uncond": self.uncond, "shards": [s.to_json() for s in self.shards]}
+                "uncond": None if self.uncond is None else _array_json(self.uncond),
+                "shards": [s.to_json() for s in self.shards]}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1) + "\n"
@@ -259,7 +260,25 @@ class DatasetIndex:
                                   source=source)
         meta = {k: v for k, v in data.items()
                 if k not in ("format", "version", "record", "record_bytes", "n", "splits", "uncond", "shards")}
-        return cls(spec, shards, meta, data.get("uncond"))
+        try:
+            uncond = None if data.get("uncond") is None else _array_from_json(data["uncond"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed: {exc}", field="uncond", source=source) from None
+        return cls(spec, shards, meta, uncond)
+
+
+def _array_json(a: np.ndarray) -> dict[str, Any]:
+    """A small array (the empty caption's embedding) in the JSON index: dtype, shape, base64 little-endian."""
+    import base64
+
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode()}
+
+
+def _array_from_json(d: dict[str, Any]) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(d["base64"]), dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
 
 
 def merge_infos(parts: Iterable[ShardInfo]) -> list[ShardInfo]:

@@ -298,9 +298,9 @@ def precompute_shards(settings: Settings, out: str | os.PathLike, batch_size: in
     from .format import RecordSpec
 
     out = Path(out)
+    units = plan_units(settings.source, settings.shard_records, settings.val_units)  # bad input: nothing written
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, settings)
-    units = plan_units(settings.source, settings.shard_records, settings.val_units)
     todo = [u for u in units[rank::world] if not unit_done(u, out)]
     for stale in out.glob(".*.tmp"):  # a killed writer's temporary files (its unit is redone)
         if any(stale.name.startswith(f".{s}-{u.index:05d}-") for u in todo for s in ("train", "val")):

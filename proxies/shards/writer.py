@@ -47,10 +47,10 @@ def records_per_shard(spec: RecordSpec, shard_bytes: int = DEFAULT_SHARD_BYTES) 
 def write_index(out: str | os.PathLike, spec: RecordSpec, shards: list[ShardInfo], meta: dict[str, Any],
                 uncond: Any = None) -> DatasetIndex:
     """``index.json`` over ``shards`` (sorted by file name), written atomically."""
-    index = DatasetIndex(spec, merge_infos(shards), meta,
-                         None if uncond is None else np.asarray(uncond, dtype=np.float64).tolist())
-    if spec.text_mode == "tokens" and index.uncond is not None:
-        index.uncond = [int(v) for v in np.asarray(uncond).reshape(-1)]
+    if uncond is not None:
+        uncond = np.asarray(uncond)
+        uncond = uncond.astype(np.float32) if spec.text_mode == "embeddings" else uncond.astype(np.int64)
+    index = DatasetIndex(spec, merge_infos(shards), meta, uncond)
     atomic_write(Path(out) / INDEX, index.dumps())
     return index
 
@@ -126,12 +126,19 @@ def write_synthetic(out: str | os.PathLike, n: int, latent_shape: tuple[int, int
     meta = {"source": f"synthetic(seed={seed})", "resolution": resolution or latent_shape[-1] * 8,
             "scaling_factor": 1.0, "vae": "none", "text_encoder": "none"}
     writer = DatasetWriter(out, spec, meta, uncond, shard_records)
+    # text dominates a record (77 x 768 for CLIP-L): one random block, offset per record, keeps generation cheap
+    # enough to write datasets of gigabytes in tests while every record stays distinct
+    block = (rng.standard_normal((shard_records, *text_shape), dtype=np.float32) if text_mode == "embeddings"
+             else rng.integers(0, 49408, (shard_records, *text_shape)))
     for split, count, base in (("train", n, 0), ("val", n_val, n)):
         for start in range(0, count, shard_records):
             k = min(shard_records, count - start)
-            text = (rng.standard_normal((k, *text_shape), dtype=np.float32) if text_mode == "embeddings"
-                    else rng.integers(0, 49408, (k, *text_shape)))
-            writer.add(make_records(spec, np.arange(base + start, base + start + k),
+            ids = np.arange(base + start, base + start + k)
+            if text_mode == "embeddings":
+                text = block[:k] + (ids[:, None, None] % 1000 * 1e-3).astype(np.float32)
+            else:
+                text = (block[:k] + ids[:, None]) % 49408
+            writer.add(make_records(spec, ids,
                                     rng.standard_normal((k, *latent_shape), dtype=np.float32),
                                     np.full((k, *latent_shape), 0.05, np.float32), text,
                                     [f"sample {base + start + i}" for i in range(k)],
