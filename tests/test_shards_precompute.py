@@ -156,3 +156,24 @@ def test_two_processes_write_the_one_process_dataset(encoders, tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "process 1/2" in res.stdout and _hashes(two) == _hashes(one)
+
+
+def test_training_on_token_ids_runs_the_frozen_text_encoder(encoders, tmp_path):
+    """A dataset of token ids: the trainer loads the CLIP text encoder the index names and embeds every batch."""
+    from nas.train import Trainer, load_recipe
+
+    assert runner.invoke(app, ["data", "precompute", *_args(encoders, encoders / "tars", tmp_path / "d"),
+                               "--text", "tokens", "--val-units", "1"]).exit_code == 0
+    (tmp_path / "recipe.yaml").write_text("""name: tokens
+model: {arch: tiny}
+data: d
+phases:
+  - {name: a, steps: 3, resolution: 32, batch: 4, optimizer: adamw, lr: 1.0e-3}
+evaluation: {digit_accuracy: false}
+log: {every: 1, tensorboard: false}
+loader: {val_items: 4}
+""")
+    trainer = Trainer(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out", log=lambda m: None)
+    metrics = trainer.run()
+    assert trainer.text_encoder is not None and metrics["steps"] == 3 and np.isfinite(metrics["val_loss"])
+    assert not any(p.requires_grad for p in trainer.text_encoder.parameters())

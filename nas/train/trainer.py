@@ -6,7 +6,10 @@ One process by default; ``accelerate launch -m nas train FILE`` runs the same co
 
 Exact resume. Every random draw of optimizer step ``s`` (items, posterior samples, caption dropout, timesteps,
 noise) comes from a generator seeded by ``(seed, s, process, micro-batch)``, so the data stream is a pure
-function of the step: no data-loader position has to be replayed. A checkpoint (``accelerator.save_state``:
+function of the step: no data-loader position has to be replayed. A sharded dataset (``proxies.shards``) streams
+instead: the samples of step ``s`` are positions ``[s * batch, (s + 1) * batch)`` of an epoch order that is a
+pure function of (seed, epoch, position), each process reading its share, and every draw of a sample is seeded
+by its position, so those batches do not even depend on the process count. A checkpoint (``accelerator.save_state``:
 model, optimizer, LR schedule, EMA, every RNG state; plus ``state.json`` with the step and phase) is written
 to a temporary folder and renamed, so a kill at any moment leaves whole checkpoints only. ``--resume`` loads
 the newest one, drops the loss-curve rows written after it, and continues: the next step's loss is the one the
