@@ -151,3 +151,23 @@ def test_todays_cache_converts_to_a_sharded_dataset(tmp_path):
     val = cache.split("val")
     assert torch.equal(back.mean, val.mean.half().float()) and back.captions == val.captions
     assert torch.equal(back.labels, val.labels) and torch.equal(back.uncond, cache.uncond)
+
+
+def test_quality_proxies_read_a_bounded_slice_of_a_sharded_dataset(tmp_path, monkeypatch):
+    from nas.experiment import load_experiment
+    from nas.search import objectives
+    from nas.search.objectives import Evaluator
+
+    convert_cache(digits_cache(), tmp_path / "digits_shards", shard_bytes=64 << 10)
+    (tmp_path / "exp.yaml").write_text("""name: s
+space: digits
+data: digits_shards
+objectives:
+  - {name: quality, kind: quality, proxy: grad_norm}
+strategy: {name: random}
+budget: {trials: 1}
+""")
+    monkeypatch.setattr(objectives, "PROXY_TRAIN_ITEMS", 100)
+    ctx = Evaluator(load_experiment(tmp_path / "exp.yaml"))._quality_context()
+    assert len(ctx.data.split("train")) == 100 and len(ctx.data.split("val")) == 256
+    assert ctx.data.captions[0].startswith("a handwritten digit")

@@ -78,7 +78,7 @@ class DatasetWriter:
         parts = self._pending[split]
         if not parts:
             return
-        allrec = np.concatenate(parts)
+        allrec = parts[0] if len(parts) == 1 else np.concatenate(parts)
         n = len(allrec) if n is None else n
         head, rest = allrec[:n], allrec[n:]
         self._pending[split] = [rest] if len(rest) else []
@@ -128,16 +128,17 @@ def write_synthetic(out: str | os.PathLike, n: int, latent_shape: tuple[int, int
     writer = DatasetWriter(out, spec, meta, uncond, shard_records)
     # text dominates a record (77 x 768 for CLIP-L): one random block, offset per record, keeps generation cheap
     # enough to write datasets of gigabytes in tests while every record stays distinct
-    block = (rng.standard_normal((shard_records, *text_shape), dtype=np.float32) if text_mode == "embeddings"
-             else rng.integers(0, 49408, (shard_records, *text_shape)))
+    m = min(shard_records, 64)
+    block = (rng.standard_normal((m, *text_shape), dtype=np.float32).astype(np.float16) if text_mode == "embeddings"
+             else rng.integers(0, 49408, (m, *text_shape)))
     for split, count, base in (("train", n, 0), ("val", n_val, n)):
         for start in range(0, count, shard_records):
             k = min(shard_records, count - start)
             ids = np.arange(base + start, base + start + k)
             if text_mode == "embeddings":
-                text = block[:k] + (ids[:, None, None] % 1000 * 1e-3).astype(np.float32)
+                text = block[np.arange(k) % m] + (ids[:, None, None] % 1000 * 1e-3).astype(np.float16)
             else:
-                text = (block[:k] + ids[:, None]) % 49408
+                text = (block[np.arange(k) % m] + ids[:, None]) % 49408
             writer.add(make_records(spec, ids,
                                     rng.standard_normal((k, *latent_shape), dtype=np.float32),
                                     np.full((k, *latent_shape), 0.05, np.float32), text,
