@@ -111,3 +111,20 @@ def test_two_processes_resumed_on_one_continue_the_one_process_run(tmp_path):
     assert [r["step"] for r in got] == [r["step"] for r in ref] == [str(i) for i in range(1, 31)]
     assert [float(r["lr"]) for r in got] == [float(r["lr"]) for r in ref]
     assert np.allclose([float(r["loss"]) for r in got], [float(r["loss"]) for r in ref], rtol=1e-4, atol=1e-6)
+
+
+def test_train_refuses_a_changed_shard_with_one_error_naming_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from nas.cli import app
+
+    convert_cache(digits_cache(), tmp_path / "digits_shards", shard_bytes=64 << 10)
+    victim = sorted((tmp_path / "digits_shards").glob("train-*.npy"))[1]
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    path = _write(tmp_path, PHASED.replace("data: digits", "data: digits_shards\nloader: {workers: 1}"))
+    res = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert f"{victim.name}: changed since the index was written" in res.output
+    assert "Traceback" not in res.output and len([ln for ln in res.output.splitlines() if "error" in ln]) == 1

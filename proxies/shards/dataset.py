@@ -230,10 +230,13 @@ class TrainStream(torch.utils.data.Dataset):
     def __getitem__(self, q: int) -> dict[str, torch.Tensor]:
         return _collate(self.__getitems__([q]))
 
-    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+    def __getitems__(self, positions: list[int]) -> dict[str, Any]:
         q = np.asarray(positions, dtype=np.int64)
         shard, row = self.order.lookup(q)
-        rec = self.data.read(self.data.train, shard, row)
+        try:
+            rec = self.data.read(self.data.train, shard, row)
+        except ShardError as exc:  # crosses a worker's process boundary as data, re-raised whole by the loader
+            return {"error": {"message": exc.message, "source": exc.source}}
         d, scale = self.draws, self.data.scaling_factor
         shape = self.data.latent_shape
         x0 = np.empty((len(q), *shape), np.float32)
@@ -278,10 +281,29 @@ class StepSampler(torch.utils.data.Sampler):
         return (self.end - self.start) * (self.batch // self.world // self.micro)
 
 
+class StreamLoader:
+    """A ``DataLoader`` over the stream whose bad-shard errors arrive as one :class:`ShardError` naming the shard
+    (a worker's exception would otherwise come back as text with the worker's traceback in it)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if "error" in batch:
+                raise ShardError(batch["error"]["message"], source=batch["error"]["source"])
+            yield batch
+
+
 def stream_loader(data: ShardedDataset, draws: Draws, start: int, end: int, batch: int, rank: int, world: int,
-                  micro: int, offset: int = 0, workers: int = 0, block: int = 4) -> torch.utils.data.DataLoader:
-    """A DataLoader over the micro-batches of steps ``[start, end)`` for process ``rank`` of ``world``."""
+                  micro: int, offset: int = 0, workers: int = 0, block: int = 4) -> StreamLoader:
+    """The micro-batches of steps ``[start, end)`` for process ``rank`` of ``world``, read by ``workers``
+    DataLoader processes (0: in this one)."""
     stream = TrainStream(data, data.order(draws.seed, block), draws)
     sampler = StepSampler(start, end, batch, rank, world, micro, offset)
-    return torch.utils.data.DataLoader(stream, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
-                                       prefetch_factor=2 if workers else None, persistent_workers=False)
+    return StreamLoader(torch.utils.data.DataLoader(stream, batch_sampler=sampler, num_workers=workers,
+                                                    collate_fn=_collate, prefetch_factor=2 if workers else None,
+                                                    persistent_workers=False))
