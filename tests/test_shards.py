@@ -105,6 +105,15 @@ def test_a_truncated_shard_is_refused_naming_it(dataset, tmp_path):
         ShardedDataset(root)
     ds = ShardedDataset(root, skip_bad=True)  # or skipped and counted, with the rest still exactly once
     assert len(ds.skipped) == 1 and ds.skipped[0].startswith("train-00002.npy") and len(ds) == N - 64
+    ids = [i for b in stream_loader(ds, Draws(0, 0, 1000, 0.0), 0, 4, 59, 0, 1, 59) for i in b["id"].tolist()]
+    assert sorted(ids) == sorted(set(range(N)) - set(range(128, 192)))
+    from typer.testing import CliRunner
+
+    from nas.cli import app
+
+    res = CliRunner().invoke(app, ["data", "verify", str(root)])
+    assert res.exit_code == 1 and "bad shard train-00002.npy" in res.output
+    assert CliRunner().invoke(app, ["data", "verify", str(dataset)]).exit_code == 0
 
 
 def test_a_changed_shard_is_refused_by_its_hash_before_it_is_read(dataset, tmp_path):
