@@ -97,11 +97,9 @@ def test_two_processes_resumed_on_one_continue_the_one_process_run(tmp_path):
     res = subprocess.run(two, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "batch 16 = 2 x 1 x 8" in res.stdout
-    one = [sys.executable, "-m", "nas", "train", str(path), "--out", str(tmp_path / "out"), "--threads", "1",
-           "--resume"]
-    res = subprocess.run(one, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed at step 15" in res.stdout
+    lines: list[str] = []
+    Trainer(load_recipe(path), tmp_path / "out", log=lines.append).run(resume=True)  # here: one process
+    assert "resumed at step 15 (phase b)" in lines
 
     def rows(out: Path) -> list[dict[str, str]]:
         with open(out / "loss.csv", newline="") as fh:
