@@ -76,23 +76,67 @@ def _memory(root: Path, steps: int) -> dict[str, float]:
     return {"peak_rss_mb": round(float(out[0]), 1), "rss_anon_mb": round(float(out[1]), 1)}
 
 
-def _precompute_rate(tmp: Path, repeats: int) -> dict[str, object]:
-    """images/s of the VAE + text encoder on this CPU (one thread) with a small VAE at 256 px."""
-    import numpy as np
+def _small_encoders(root: Path) -> tuple[Path, Path]:
+    """A small VAE and a small CLIP text encoder with a character-level tokenizer, saved as local folders (no
+    download): the precompute pipeline's cost on this CPU without SD-sized weights."""
     import torch
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, latent_channels=4).eval()
-    pixels = torch.rand(8, 3, 256, 256) * 2 - 1
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        with torch.no_grad():
-            vae.encode(pixels).latent_dist.mean.sum()
-        times.append(time.perf_counter() - t)
+    AutoencoderKL(block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+                  latent_channels=4).save_pretrained(root / "vae")
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tok.save_pretrained(root / "clip")
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                  ).save_pretrained(root / "clip")
+    return root / "vae", root / "clip"
+
+
+def _precompute_rate(tmp: Path, repeats: int) -> dict[str, object]:
+    """images/s of ``precompute_shards`` end to end (JPEG decode, crop and resize, VAE, text encoder, shard
+    write and hash) on webdataset tars at 256 px, one process, one thread; and the online cost of a
+    CLIP-L-sized text encoder (what a token-id dataset makes the trainer run)."""
+    import io
+    import tarfile
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from proxies.shards.precompute import Settings, precompute_shards
+
+    vae, clip = _small_encoders(tmp)
+    tars = tmp / "tars"
+    tars.mkdir()
+    rng = np.random.default_rng(0)
+    per_tar, n_tars = 16, 2
+    for t in range(n_tars):
+        with tarfile.open(tars / f"{t:05d}.tar", "w") as tar:
+            for k in range(per_tar):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (320, 288, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                for ext, data in (("jpg", buf.getvalue()), ("txt", f"a photo number {t} {k}".encode())):
+                    info = tarfile.TarInfo(f"{t:05d}{k:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    rates = []
+    for r in range(repeats):
+        out = tmp / f"pre{r}"
+        precompute_shards(Settings(str(tars), str(vae), str(clip), 256, shard_records=64), out, batch_size=8,
+                          log=lambda m: None)
+        units = [json.loads(p.read_text()) for p in sorted(out.glob("unit-*.json"))]
+        rates.append(sum(u["records"] for u in units) / sum(u["seconds"] for u in units))
     clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                                           num_hidden_layers=12, max_position_embeddings=77, vocab_size=49408)).eval()
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, 49408, (8, 77)))
@@ -103,14 +147,17 @@ def _precompute_rate(tmp: Path, repeats: int) -> dict[str, object]:
             clip_l(ids)[0].sum()
         text_times.append(time.perf_counter() - t)
     return {
-        "vae": "AutoencoderKL 32-64-64-64 channels (a small VAE; SD's is 128-256-512-512), 256 px, batch 8",
-        "vae_params": sum(p.numel() for p in vae.parameters()),
-        "vae_images_per_s": round(8 / min(times), 2),
-        "vae_noise_floor": round(statistics.median(times) / min(times) - 1, 3),
-        "text_encoder": "CLIP-L-sized text transformer (random weights, 123M parameters), 77 tokens, batch 8",
-        "text_encoder_params": sum(p.numel() for p in clip_l.parameters()),
+        "pipeline": f"unet-nas data precompute --format shards on {n_tars} webdataset tars x {per_tar} JPEGs "
+                    "(320 x 288), 256 px, batch 8, one process, one thread; timed per unit (encoder loading "
+                    "excluded)",
+        "vae": "AutoencoderKL 32-64-64-64 channels (a small VAE; SD's is 128-256-512-512)",
+        "text_encoder": "CLIP text transformer 128 wide, 2 layers, 77 tokens",
+        "images_per_s": round(max(rates), 2),
+        "images_per_s_noise_floor": round(max(rates) / statistics.median(rates) - 1, 3),
+        "online_text_encoder": "CLIP-L-sized text transformer (random weights), 77 tokens, batch 8",
+        "online_text_encoder_params": sum(p.numel() for p in clip_l.parameters()),
         "online_text_encoder_samples_per_s": round(8 / min(text_times), 2),
-        "text_noise_floor": round(statistics.median(text_times) / min(text_times) - 1, 3),
+        "online_text_encoder_noise_floor": round(statistics.median(text_times) / min(text_times) - 1, 3),
     }
 
 
