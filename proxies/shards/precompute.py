@@ -298,8 +298,7 @@ def precompute_shards(settings: Settings, out: str | os.PathLike, batch_size: in
     from .format import RecordSpec
 
     out = Path(out)
-    units = plan_units(settings.source, settings.shard_records, settings.val_units)  # bad input: nothing written
-    out.mkdir(parents=True, exist_ok=True)
+    units = plan_units(settings.source, settings.shard_records, settings.val_units)
     _check_settings(out, settings)
     todo = [u for u in units[rank::world] if not unit_done(u, out)]
     for stale in out.glob(".*.tmp"):  # a killed writer's temporary files (its unit is redone)
@@ -310,6 +309,9 @@ def precompute_shards(settings: Settings, out: str | os.PathLike, batch_size: in
     enc = None
     if todo:
         enc = Encoders(settings.vae, settings.text_encoder, device or "cpu", settings.text_mode, allow_pickle)
+    # bad input (source, settings, encoders) is refused above, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    _record_settings(out, settings)
     spec = None
     for unit in todo:
         if spec is None:
@@ -359,12 +361,19 @@ def merge(out: Path, units: list[Unit], settings: Settings, spec: Any, enc: Enco
 def _check_settings(out: Path, settings: Settings) -> None:
     """A rerun continues a job only with the same settings (else its units would mix)."""
     path = out / "precompute.json"
-    current = settings.to_json()
     if path.is_file():
-        previous = json.loads(path.read_text())
-        diff = [k for k in current if previous.get(k) != current[k]]
+        current = settings.to_json()
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"not valid JSON: {exc.msg}", source=str(path), line=exc.lineno) from None
+        diff = [k for k in current if not isinstance(previous, dict) or previous.get(k) != current[k]]
         if diff:
             raise ConfigError(f"holds a precompute with other settings ({', '.join(diff)}): use another --out or "
                               "the same settings", source=str(out))
-        return
-    atomic_write(path, json.dumps(current, indent=1) + "\n")
+
+
+def _record_settings(out: Path, settings: Settings) -> None:
+    path = out / "precompute.json"
+    if not path.is_file():  # every process writes the same content, atomically
+        atomic_write(path, json.dumps(settings.to_json(), indent=1) + "\n")
