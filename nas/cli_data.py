@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +12,7 @@ from rich.table import Table
 
 from nas.cli import AllowPickle, JsonFlag, app, console, emit_json, user_errors
 from proxies.data import LatentCache, digits_cache, precompute
+from search_spaces import ConfigError
 
 data_app = typer.Typer(help="Precompute and inspect cached VAE latents and text embeddings.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -18,23 +21,115 @@ app.add_typer(data_app, name="data")
 @data_app.command("precompute")
 @user_errors
 def data_precompute(
-    folder: Annotated[Path, typer.Argument(help="Images with captions: metadata.jsonl or NAME.txt beside each.")],
+    source: Annotated[str, typer.Argument(help="Images with captions (metadata.jsonl or NAME.txt beside each), "
+                                          "or webdataset tars (img2dataset's output): a folder of *.tar, a "
+                                          ".tar, or a quoted glob.")],
     vae: Annotated[Path, typer.Option(help="Local AutoencoderKL folder (or an SD checkpoint with vae/).")],
     text_encoder: Annotated[Path, typer.Option("--text-encoder", help="Local CLIP text encoder + tokenizer folder "
                                                "(or an SD checkpoint with text_encoder/ and tokenizer/).")],
-    out: Annotated[Path, typer.Option(help="Cache folder to write.")],
+    out: Annotated[Path, typer.Option(help="Cache folder or sharded dataset folder to write.")],
     resolution: Annotated[int, typer.Option(min=8, help="Images are center-cropped and resized to this.")] = 512,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.05,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Cache format: held-out share.")] = 0.05,
+    device: Annotated[str, typer.Option(help="cpu, cuda, or auto (each process its own GPU)")] = "cpu",
+    fmt: Annotated[str, typer.Option("--format", help="cache: one in-memory cache (small data); shards: a sharded "
+                                     "dataset, resumable, on many processes (accelerate launch / torchrun).")
+                   ] = "cache",
+    shard_records: Annotated[int, typer.Option("--shard-records", min=1, help="Shards: folder images per unit "
+                                               "and records per shard (1024 at 512 px with CLIP-L embeddings "
+                                               "is ~190 MB).")] = 1024,
+    text: Annotated[str, typer.Option(help="Shards: store text 'embeddings', or 'tokens' (ids; the trainer runs "
+                                      "the frozen text encoder).")] = "embeddings",
+    val_units: Annotated[int, typer.Option("--val-units", min=0, help="Shards: the last N units (tars or image "
+                                           "chunks) are the validation split.")] = 0,
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Encode an image+caption folder once: VAE posterior mean and std, and text embeddings."""
-    cache = precompute(folder, vae, text_encoder, resolution=resolution, batch_size=batch_size,
+    """Encode images and captions once: VAE posterior mean and std, and text embeddings (or token ids)."""
+    if fmt not in ("cache", "shards"):
+        raise ConfigError(f"must be cache or shards, not {fmt!r}", field="--format")
+    if text not in ("embeddings", "tokens"):
+        raise ConfigError(f"must be embeddings or tokens, not {text!r}", field="--text")
+    if fmt == "shards":
+        _precompute_shards(source, vae, text_encoder, out, resolution, batch_size, device, shard_records, text,
+                           val_units, allow_pickle)
+        return
+    if not Path(source).is_dir():
+        raise ConfigError("image folder not found" if not source.endswith(".tar") and "*" not in source else
+                          "webdataset tars need --format shards", source=source)
+    cache = precompute(source, vae, text_encoder, resolution=resolution, batch_size=batch_size,
                        val_fraction=val_fraction, device=device, allow_pickle=allow_pickle)
     cache.save(out)
     console.print(f"wrote {len(cache)} items to {out} (latents {list(cache.latent_shape)}, "
                   f"text {list(cache.text.shape[1:])})")
+
+
+def _precompute_shards(source: str, vae: Path, text_encoder: Path, out: Path, resolution: int, batch_size: int,
+                       device: str, shard_records: int, text: str, val_units: int, allow_pickle: bool) -> None:
+    """One process, or one of many (``accelerate launch`` / ``torchrun`` set the ranks): each encodes its units
+    with its own copy of the encoders; the main process writes the index once all are done."""
+    from accelerate import PartialState
+    from rich.progress import MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from proxies.shards.precompute import Settings, precompute_shards
+
+    state = PartialState(cpu=device == "cpu")
+    settings = Settings(str(source), str(vae), str(text_encoder), resolution, text, shard_records, val_units)
+    progress = Progress(TextColumn("encoding"), MofNCompleteColumn(), TextColumn("images"),
+                        TextColumn("{task.fields[rate]:.1f} images/s"), TimeElapsedColumn(), console=console,
+                        disable=not console.is_terminal or not state.is_main_process)
+    started = time.perf_counter()
+    with progress:
+        task = progress.add_task("encode", total=None, rate=0.0)
+
+        def on_batch(n: int) -> None:
+            done = progress.tasks[0].completed + n
+            progress.update(task, completed=done, rate=done / (time.perf_counter() - started))
+
+        report = precompute_shards(settings, out, batch_size=batch_size,
+                                   device=str(state.device) if device == "auto" else device,
+                                   allow_pickle=allow_pickle, rank=state.process_index, world=state.num_processes,
+                                   barrier=state.wait_for_everyone, log=lambda m: console.print(m, highlight=False),
+                                   on_batch=on_batch)
+    if report is not None:
+        console.print(f"wrote {report['records']} records in {report['shards']} shards to {out}; "
+                      f"{report['unreadable']} unreadable images (named in {out / 'report.json'})")
+
+
+@data_app.command("convert")
+@user_errors
+def data_convert(cache_dir: Annotated[str, typer.Argument(help="A cache folder, or digits.")],
+                 out: Annotated[Path, typer.Option(help="Sharded dataset folder to write.")],
+                 shard_mb: Annotated[int, typer.Option("--shard-mb", min=1, help="Shard size.")] = 128) -> None:
+    """Write a cache (today's one-file format, or the built-in digits) as a sharded dataset."""
+    from proxies.shards import convert_cache
+
+    cache = digits_cache() if cache_dir == "digits" else LatentCache.load(cache_dir)
+    index = convert_cache(cache, out, shard_bytes=shard_mb << 20)
+    console.print(f"wrote {sum(s.count for s in index.shards)} records in {len(index.shards)} shards to {out}")
+
+
+@data_app.command("verify")
+@user_errors
+def data_verify(dataset: Annotated[str, typer.Argument(help="A sharded dataset folder or URL.")],
+                as_json: JsonFlag = False) -> None:
+    """Check every shard of a sharded dataset against the sizes and SHA-256 of its index."""
+    from proxies.shards import ShardedDataset
+
+    ds = ShardedDataset(dataset, skip_bad=True)
+    bad = list(ds.skipped)
+    for info in ds.index.shards:  # remote datasets: hashed as they download into the cache
+        try:
+            ds.store.local(info)
+        except ConfigError as exc:
+            bad.append(f"{info.file}: {exc.message}")
+    if as_json:
+        emit_json({"shards": len(ds.index.shards) + len(ds.skipped), "bad": bad})
+    for line in bad:
+        console.print(f"bad shard {line}", highlight=False)
+    if bad:
+        raise typer.Exit(1)
+    if not as_json:
+        console.print(f"{len(ds.index.shards)} shards match the index")
 
 
 @data_app.command("digits")
@@ -49,13 +144,21 @@ def data_digits(out: Annotated[Path, typer.Option(help="Cache folder to write.")
 
 @data_app.command("show")
 @user_errors
-def data_show(cache_dir: Annotated[Path, typer.Argument(help="A cache folder.")], as_json: JsonFlag = False) -> None:
-    """The manifest of a cache, after checking it against its files."""
-    cache = LatentCache.load(cache_dir)
+def data_show(cache_dir: Annotated[str, typer.Argument(help="A cache folder, or a sharded dataset (folder or "
+                                                       "URL).")], as_json: JsonFlag = False) -> None:
+    """The manifest of a cache, or the index of a sharded dataset (without its shard list), after checking it."""
+    from proxies.shards import ShardedDataset, is_sharded
+
+    if is_sharded(cache_dir):
+        index = ShardedDataset(cache_dir, verify="size").index.to_json()
+        manifest = {k: v for k, v in index.items() if k not in ("shards", "uncond")}
+        manifest["shards"] = len(index["shards"])
+    else:
+        manifest = LatentCache.load(cache_dir).manifest
     if as_json:
-        emit_json(cache.manifest)
+        emit_json(manifest)
         return
     table = Table("field", "value", title=str(cache_dir))
-    for key, value in cache.manifest.items():
-        table.add_row(key, str(value))
+    for key, value in manifest.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
     console.print(table)

@@ -8,7 +8,7 @@ name: quickstart
 seed: 0
 space: ../search_spaces/spaces/digits.yaml     # a file, or the space mapping inline
 teacher: {arch: digits, train_steps: 300}      # or {path: /models/sd15, subfolder: unet}
-data: digits                                   # or a cache folder from `unet-nas data precompute`
+data: digits                                   # or a cache folder or sharded dataset (`unet-nas data precompute`)
 objectives:
   - {name: quality, kind: quality, proxy: distill, options: {steps: 10}}
   - {name: latency_cpu, kind: latency, predictor: lut, profile: cpu.yaml, measure_if_missing: true,
@@ -190,7 +190,7 @@ class Experiment(_Strict):
                               "or remove ray.asha", field="ray.asha")
         for i, o in enumerate(self.objectives):
             if o.kind == "quality" and self.data is None:
-                raise ConfigError("a quality objective needs data: digits or a cache folder",
+                raise ConfigError("a quality objective needs data: digits, a cache folder or a sharded dataset",
                                   field=f"objectives[{i}]")
 
     # ---- derived -------------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def arch_from_run(run: str | os.PathLike, trial: int, storage: str | None = None
         teacher, subfolder = exp.path(exp.teacher.path), exp.teacher.subfolder
     data = None
     if exp.data is not None:
-        data = exp.data if exp.data == "digits" else str(exp.path(exp.data).resolve())
+        remote = "://" in exp.data  # a sharded dataset on an object store: the URL is already absolute
+        data = exp.data if exp.data == "digits" or remote else str(exp.path(exp.data).resolve())
     return RunChoice(arch, trial, teacher, subfolder, data)
 
 

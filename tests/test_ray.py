@@ -1,7 +1,8 @@
 """The Ray Tune backend on a real two-node Ray cluster on loopback, driven through the real CLI.
 
-The cluster (two ``ray start`` nodes of one CPU each, private temp dir) is started once for the module and
-stopped with ``ray stop --force``. If Ray cannot start, the fixture fails with Ray's output: no silent skip.
+The cluster (two ``ray start`` nodes of one CPU each, private temp dir) is started once for the module and its
+processes, found by that temp dir, are stopped at the end: never ``ray stop``, which would stop every Ray of the
+machine. If Ray cannot start, the fixture fails with Ray's output: no silent skip.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from nas.cli import app
+from tests.processes import stop_started_with
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "search_spaces" / "spaces" / "digits.yaml"
@@ -61,13 +63,14 @@ def cluster():
             pytest.fail(f"cannot start the second Ray node:\n{worker.stdout}\n{worker.stderr}")
         yield address
     finally:
-        _ray("stop", "--force", env=env)
+        left = stop_started_with(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        assert not left, f"Ray processes of the test cluster still alive: {sorted(left)}"
 
 
 def _experiment(tmp_path: Path, name: str, address: str, **fields) -> Path:
@@ -208,3 +211,115 @@ def test_the_quickstart_runs_on_the_two_node_cluster(cluster, tmp_path):
     trials = _study(tmp_path, "quickstart_ray").get_trials()
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 4
     assert all(t.values[0] >= 0 for t in trials if t.state == TrialState.COMPLETE)  # held-out KD loss
+
+
+# ---- without the test cluster: the searcher pickles, a private Ray starts by itself, bad addresses are one line ----
+
+CHEAP = {"objectives": [{"name": "params", "kind": "params"},
+                        {"name": "macs", "kind": "macs", "resolution": 8, "batch": 1, "text_len": 8}],
+         "constraints": [{"objective": "params", "max": 400000}], "budget": {"trials": 4, "wall_time": 600}}
+
+
+@pytest.mark.parametrize("strategy", ["nsga2", "tpe", "random", "evolution"])
+def test_the_searcher_ray_pickles_survives_a_round_trip_with_every_strategy(tmp_path, strategy):
+    """What Ray does with the searcher (``OptunaSearch.save``/``restore``, a plain pickle of its ``__dict__``)
+    after trials were asked and told, so that the sampler's caches (and NSGA-II's lock on Optuna >= 5.1) are
+    set. The pickled bytes carry the storage's redacted URL only."""
+    from nas.experiment import load_experiment
+    from nas.search.optuna_backend import make_sampler
+    from nas.search.ray_backend import _DefineByRun, _storage, _StudySearch
+
+    path = _experiment(tmp_path, f"pickle_{strategy}", "127.0.0.1:1", **CHEAP)
+    data = yaml.safe_load(path.read_text())
+    data["strategy"] = {"name": strategy, "population": 4} if strategy == "nsga2" else {"name": strategy}
+    path.write_text(yaml.safe_dump(data))
+    exp = load_experiment(path)
+    db = tmp_path / "study.db"
+    storage = _storage(f"sqlite:///{db}")
+    optuna.create_study(study_name=exp.name, storage=storage, directions=["minimize", "minimize"])
+    from search_spaces.space import SearchSpace
+
+    searcher = _StudySearch(_DefineByRun(SearchSpace.from_yaml(SPACE)), metric=["params", "macs"],
+                            mode=["min", "min"], sampler=make_sampler(exp), study_name=exp.name, storage=storage,
+                            nas_name=exp.name, nas_objectives=["params", "macs"])
+    for i in range(6):  # past NSGA-II's first generation of 4, so its generation cache is in use
+        config = searcher.suggest(f"t{i}")
+        assert config["nas"]["arch"]
+        searcher.on_trial_complete(f"t{i}", {"params": float(i), "macs": float(6 - i), "nas_final": True,
+                                             "nas_constraints": "{}", "nas_seconds": 0.0})
+    saved = tmp_path / "searcher.pkl"
+    searcher.save(str(saved))
+    blob = saved.read_bytes()
+    assert str(db).encode() in blob  # a file path has no password: redact() leaves it as it is
+    restored = _StudySearch(_DefineByRun(SearchSpace.from_yaml(SPACE)), metric=["params", "macs"],
+                            mode=["min", "min"], sampler=make_sampler(exp), study_name=exp.name, storage=storage,
+                            nas_name=exp.name, nas_objectives=["params", "macs"])
+    restored.restore(str(saved))
+    assert restored.suggest("t6")["nas"]["arch"]  # the restored searcher goes on asking
+    lock = getattr(restored._sampler, "_thread_lock", None)
+    if lock is not None:  # Optuna >= 5.1: a fresh, usable lock
+        assert lock.acquire(timeout=1)
+        lock.release()
+
+
+def test_a_sampler_that_cannot_pickle_is_one_strategy_error():
+    import threading
+
+    from nas.search.picklable import check_picklable
+    from search_spaces import ConfigError
+
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    sampler.lock = threading.Lock()  # what Optuna 5.1 did to the stock NSGAIISampler
+    with pytest.raises(ConfigError, match=r"cannot be pickled, which Ray needs: TypeError") as err:
+        check_picklable(sampler, "nsga2")
+    assert err.value.field == "strategy"
+
+
+def _clean_env(tmp_path: Path) -> dict[str, str]:
+    """A new user's environment: no Ray token anywhere, a HOME of its own, a Ray temp dir of its own."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    temp = Path(tempfile.mkdtemp(prefix="rayp", dir="/tmp"))
+    return {**env, "HOME": str(home), "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONPATH": str(ROOT)}
+
+
+def test_a_private_ray_starts_with_its_own_token_on_a_fresh_machine(tmp_path):
+    """``ray.address: null`` with no ~/.ray and no RAY_* variables (a fresh install): UNet-NAS starts Ray with
+    token authentication and a token of its own, runs the budget, and leaves no token file and no process."""
+    path = _experiment(tmp_path, "private", None, **CHEAP)
+    env = _clean_env(tmp_path)
+    try:
+        res = subprocess.run([sys.executable, "-m", "nas", "search", str(path)], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "Ray cluster: 1 node(s)" in res.stdout
+        assert "Traceback" not in res.stdout + res.stderr
+        assert not (tmp_path / "home" / ".ray").exists()  # the token lived in the environment only
+        trials = _study(tmp_path, "private").get_trials()
+        assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+        sessions = list(Path(env["RAY_TMPDIR"]).glob("ray/session_*/logs/gcs_server.out")) or \
+            list(Path(env["RAY_TMPDIR"]).glob("**/gcs_server.out"))
+        assert sessions, "the private Ray wrote no GCS log under its temp dir"
+    finally:
+        left = stop_started_with(env["RAY_TMPDIR"])
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert not left, f"the private Ray left processes behind: {sorted(left)}"
+
+
+def test_an_unreachable_ray_address_is_one_error_line_and_leaves_no_study(tmp_path):
+    path = _experiment(tmp_path, "nowhere", f"127.0.0.1:{_free_port()}", **CHEAP)
+    env = _clean_env(tmp_path)
+    try:
+        res = subprocess.run([sys.executable, "-m", "nas", "search", str(path)], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    finally:
+        stop_started_with(env["RAY_TMPDIR"])
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "ray.address: cannot reach Ray at 127.0.0.1:" in errors[0], out
+    assert "Traceback" not in out
+    assert not (tmp_path / "runs" / "nowhere" / "study.db").exists()

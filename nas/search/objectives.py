@@ -50,6 +50,8 @@ def load_space(exp: Experiment) -> SearchSpace:
         return SearchSpace.from_yaml(shipped)
     return SearchSpace.from_yaml(exp.path(exp.space))
 
+PROXY_TRAIN_ITEMS, PROXY_VAL_ITEMS = 4096, 256  # of a sharded dataset, read into memory for the proxies
+
 
 class Evaluator:
     """Scores archs for one experiment. ``prepare()`` does the one-time work (teacher, profile) and is safe to
@@ -118,8 +120,15 @@ class Evaluator:
             return self._ctx
         from proxies.data import LatentCache, digits_cache
         from proxies.quality import QualityContext
+        from proxies.shards import ShardedDataset, is_sharded
 
-        data = digits_cache() if self.exp.data == "digits" else LatentCache.load(self.exp.path(self.exp.data))
+        where = self.exp.data if "://" in self.exp.data else self.exp.path(self.exp.data)
+        if self.exp.data == "digits":
+            data = digits_cache()
+        elif is_sharded(where):  # a bounded in-memory slice: proxies score with thousands of items, not millions
+            data = ShardedDataset(where).in_memory(train=PROXY_TRAIN_ITEMS, val=PROXY_VAL_ITEMS)
+        else:
+            data = LatentCache.load(where)
         ctx = QualityContext(data=data, seed=self.exp.seed, device=self.exp.device)
         if self.exp.teacher is not None:
             ctx.teacher = self._teacher(ctx)

@@ -38,6 +38,7 @@ from search_spaces import ConfigError, UNetArch
 from search_spaces.space import SearchSpace
 
 from .objectives import Evaluator
+from .picklable import NSGAIISampler
 
 # failures are recorded in the study (and trials.csv, summary.md); Optuna's per-trial warnings with tracebacks
 # would only bury the progress bar
@@ -105,7 +106,7 @@ def make_sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
     """The strategy's sampler. Constraints reach NSGA-II and TPE through ``trial.set_constraint``."""
     s = exp.strategy
     if s.name == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=s.population, seed=exp.seed)
+        return NSGAIISampler(population_size=s.population, seed=exp.seed)  # picklable for Ray (Optuna >= 5.1)
     if s.name == "tpe":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -67,6 +67,8 @@ from search_spaces.yamlio import dump_yaml
 
 from .objectives import Evaluator
 from .optuna_backend import Evolution, _same_arch, counted, make_sampler, open_study, suggest_arch, with_driver
+from .picklable import check_picklable
+from .tested import untested
 
 # Driver-side objects (evaluator, storage, log) per experiment name. Ray pickles the searcher and callbacks
 # into its experiment state for Tuner.restore, so they look these up by name instead of holding them.
@@ -85,27 +87,31 @@ def run_ray(exp: Experiment, file: str | Path, storage_url: str, resume: bool,
     """Run the experiment's search on Ray (joining ``ray.address`` or starting Ray on 127.0.0.1) and return the
     Optuna study holding its trials. ``allow_pickle`` lets the driver and the workers read a pickle teacher
     checkpoint (``--allow-pickle``; see :mod:`search_spaces.checkpoints`)."""
-    import ray
     from ray import tune
 
     quality = _asha_objective(exp)
     exp = exp.model_copy(update={"output_dir": str(Path(exp.output_dir).resolve()),
                                  "base_dir": str(Path(exp.base_dir).resolve())})  # workers run elsewhere
+    for problem in untested():
+        log(f"warning: {problem}; if this search fails, install the tested releases: pip install -c constraints.txt")
     evaluator = Evaluator(exp, log=log, allow_pickle=allow_pickle).prepare()  # teacher and profile once
-    storage = _storage(storage_url)
-    study = open_study(exp, storage, resume)
-    _save_experiment(exp)
+    check_picklable(make_sampler(exp), exp.strategy.name)
     ray_dir = exp.run_dir / "ray"
     started = time.monotonic()
+    # Ray first, the study after: a Ray that cannot start must not leave an empty study that refuses a re-run
     _connect(exp, log)
-    _DRIVER[exp.name] = {"evaluator": evaluator, "storage": storage, "log": log,
-                         "evolution": Evolution(exp, evaluator.space, evaluator)
-                         if exp.strategy.name == "evolution" else None}
-    # workers never touch the storage (only the driver writes to it): they get the experiment without it
-    exp_data = {**exp.model_dump(), "storage": None}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, exp_data=exp_data, allow_pickle=allow_pickle),
-                                    {"cpu": exp.ray.cpus_per_trial, "gpu": exp.ray.gpus_per_trial})
     try:
+        storage = _storage(storage_url)
+        study = open_study(exp, storage, resume)
+        _save_experiment(exp)
+        _DRIVER[exp.name] = {"evaluator": evaluator, "storage": storage, "log": log,
+                             "evolution": Evolution(exp, evaluator.space, evaluator)
+                             if exp.strategy.name == "evolution" else None}
+        # workers never touch the storage (only the driver writes to it): they get the experiment without it
+        exp_data = {**exp.model_dump(), "storage": None}
+        trainable = tune.with_resources(
+            tune.with_parameters(_trainable, exp_data=exp_data, allow_pickle=allow_pickle),
+            {"cpu": exp.ray.cpus_per_trial, "gpu": exp.ray.gpus_per_trial})
         previous = sorted(p for p in ray_dir.glob("search_*") if tune.Tuner.can_restore(p)) if ray_dir.is_dir() \
             else []
         if resume and previous:
@@ -123,9 +129,7 @@ def run_ray(exp: Experiment, file: str | Path, storage_url: str, resume: bool,
                    quality).fit()
     finally:
         _DRIVER.pop(exp.name, None)
-        ray.shutdown()
-        while _DRIVER_ENV:
-            os.environ.pop(_DRIVER_ENV.pop(), None)
+        _disconnect()
     return optuna.load_study(study_name=exp.name, storage=storage)
 
 
@@ -191,33 +195,114 @@ def _save_experiment(exp: Experiment) -> None:
 
 
 def _connect(exp: Experiment, log: Callable[[str], Any]) -> None:
-    """Join the cluster at ``ray.address``, or start a private local Ray bound to 127.0.0.1."""
+    """Join the cluster at ``ray.address``, or start a private local Ray bound to 127.0.0.1 with a token of its
+    own. Any failure is one ``ray.address:`` error that says what to do, with Ray shut down again."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     try:
         if exp.ray.address is None:
-            # Ray 2.60's gRPC servers listen on all interfaces even with a 127.0.0.1 node address: token
-            # authentication is what keeps other users of the machine out. Ray turns it on for local clusters
-            # since 2.59; ask for it explicitly so that it holds on 2.52-2.58 too (an explicit
-            # RAY_AUTH_MODE=disabled from the user is respected)
-            if "RAY_AUTH_MODE" not in os.environ:
-                os.environ["RAY_AUTH_MODE"] = "token"
-                _DRIVER_ENV.append("RAY_AUTH_MODE")  # taken back after ray.shutdown()
+            _private_token()
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                      configure_logging=False, log_to_driver=False)
         else:
+            _probe(exp.ray.address)
+            _reset_ray_auth_cache()  # a token given in the environment after Ray was imported must count
             ray.init(address=exp.ray.address, configure_logging=False, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"cannot reach Ray at {exp.ray.address}: {str(exc).splitlines()[0]}",
-                          field="ray.address") from None
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, AuthenticationError...
+        _disconnect()
+        raise ConfigError(_connect_advice(exp, exc), field="ray.address") from None
     cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
     log(f"Ray cluster: {len(ray.nodes())} node(s), {cpus:g} CPUs, {gpus:g} GPUs")
     if exp.ray.cpus_per_trial > cpus or exp.ray.gpus_per_trial > gpus:
+        _disconnect()
         raise ConfigError(f"a trial needs {exp.ray.cpus_per_trial:g} CPU / {exp.ray.gpus_per_trial:g} GPU but the "
                           f"cluster has {cpus:g} / {gpus:g}", field="ray.cpus_per_trial"
                           if exp.ray.cpus_per_trial > cpus else "ray.gpus_per_trial")
+
+
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """Fail in seconds when nothing listens at ``host:port``: Ray itself retries a dead GCS address for many
+    minutes before it gives up. ``auto`` and ``ray://`` addresses are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or address == "auto" or "://" in address or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({exc.strerror or type(exc).__name__})") from None
+
+
+def _private_token() -> None:
+    """Token authentication for the private Ray, with a fresh random token that lives only in the environment of
+    this driver and the Ray processes it starts (never in a file).
+
+    Ray 2.60's gRPC servers listen on all interfaces even with a 127.0.0.1 node address: the token is what keeps
+    other users of the machine out. Ray's own default (``RAY_AUTH_MODE`` unset: token mode, a token generated into
+    ``~/.ray/auth_token``) does not work once anything has set ``RAY_AUTH_MODE=token`` in this process after Ray
+    read its configuration: the driver then still sees authentication off, generates no token, and the GCS it
+    starts refuses to run ("Token authentication is enabled but Ray couldn't find an authentication token").
+    Giving the token in ``RAY_AUTH_TOKEN`` sidesteps both. A user's own ``RAY_AUTH_TOKEN``/``RAY_AUTH_TOKEN_PATH``
+    is used as it is, and an explicit ``RAY_AUTH_MODE=disabled`` is respected.
+    """
+    import secrets
+
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    for key, value in (("RAY_AUTH_MODE", "token"), ("RAY_AUTH_TOKEN", secrets.token_hex(32))):
+        if key == "RAY_AUTH_TOKEN" and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+            continue
+        if key not in os.environ:
+            os.environ[key] = value
+            _DRIVER_ENV.append(key)  # taken back after ray.shutdown()
+    _reset_ray_auth_cache()
+
+
+def _reset_ray_auth_cache() -> None:
+    """Make this process's Ray read the authentication settings again (it caches them at import): the public way
+    would be to set the variables before importing Ray, which a library cannot ask of its callers."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):  # Ray before 2.52 has no token authentication, and nothing cached
+        return
+
+
+def _disconnect() -> None:
+    """Shut Ray down (it stops a private Ray's processes) and take back the variables ``_private_token`` set."""
+    import ray
+
+    ray.shutdown()
+    if _DRIVER_ENV:
+        while _DRIVER_ENV:
+            os.environ.pop(_DRIVER_ENV.pop(), None)
+        _reset_ray_auth_cache()
+
+
+def _connect_advice(exp: Experiment, exc: BaseException) -> str:
+    """One line: what failed, Ray's reason (the authentication error it otherwise logs only as a warning), and
+    what to do."""
+    from nas.redaction import scrub
+
+    text = " ".join(str(exc).split())
+    reason = scrub(f"{type(exc).__name__}: {text}"[:300])
+    if exp.ray.address is None:
+        return (f"cannot start a private Ray on 127.0.0.1: {reason}; check that `ray start --head` works on this "
+                "machine and that RAY_TMPDIR is short and writable, or set ray.address to join a running cluster")
+    auth = any(k in text for k in ("uthentication", "InvalidAuthToken", "UNAUTHENTICATED", "token"))
+    if auth:
+        what = ("the cluster asks for token authentication: give this machine the cluster's token (RAY_AUTH_MODE="
+                "token and RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+    else:
+        what = ("check that the head node runs (`ray status --address ...` on it) and that this machine can reach "
+                "its port; if the cluster uses token authentication, set RAY_AUTH_MODE=token and its token")
+    return f"cannot reach Ray at {exp.ray.address}: {reason}; {what}"
 
 
 def _tuner(exp: Experiment, evaluator: Evaluator, storage: RDBStorage, trainable: Any, ray_dir: Path, name: str,

@@ -139,6 +139,19 @@ class EvaluationSpec(_Strict):
     seed: int = 7
 
 
+class LoaderSpec(_Strict):
+    """How a sharded dataset (a folder with ``index.json`` or an ``s3://`` URL) is read. Its samples stream in an
+    order that is a pure function of (seed, epoch, position), the same on any number of processes."""
+
+    workers: int = Field(0, ge=0, description="DataLoader worker processes per training process")
+    shuffle_block: int = Field(4, ge=1, description="shards whose records are shuffled together")
+    cache_dir: str | None = None  # local cache of a remote dataset's shards; default ~/.cache/unet-nas/shards
+    cache_gb: float = Field(16.0, gt=0, description="bound of that cache")
+    verify: Literal["hash", "size"] = "hash"  # hash: each shard's SHA-256 before its first read
+    skip_bad_shards: bool = False  # leave out (and count) shards that do not match the index, instead of failing
+    val_items: int = Field(256, ge=1, description="validation records held in memory")
+
+
 class LogSpec(_Strict):
     every: int = Field(10, ge=1, description="steps between log lines and CSV rows")
     tensorboard: bool = True  # when tensorboard or tensorboardX is installed
@@ -150,6 +163,7 @@ class Recipe(_Strict):
     model: ModelSpec
     teacher: TeacherSpec | None = None
     data: str
+    text_encoder: str | None = None  # CLIP folder for datasets of token ids; default: the one they name
     output_dir: str | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -163,6 +177,7 @@ class Recipe(_Strict):
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     log: LogSpec = Field(default_factory=LogSpec)
+    loader: LoaderSpec = Field(default_factory=LoaderSpec)
     # a Stable Diffusion folder (vae/, text_encoder/, tokenizer/): at the end the trained model is also written
     # as a diffusers pipeline, <output>/pipeline, with these parts and the recipe's scheduler (nas.pipeline)
     pipeline_from: str | None = None

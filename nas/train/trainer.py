@@ -6,7 +6,10 @@ One process by default; ``accelerate launch -m nas train FILE`` runs the same co
 
 Exact resume. Every random draw of optimizer step ``s`` (items, posterior samples, caption dropout, timesteps,
 noise) comes from a generator seeded by ``(seed, s, process, micro-batch)``, so the data stream is a pure
-function of the step: no data-loader position has to be replayed. A checkpoint (``accelerator.save_state``:
+function of the step: no data-loader position has to be replayed. A sharded dataset (``proxies.shards``) streams
+instead: the samples of step ``s`` are positions ``[s * batch, (s + 1) * batch)`` of an epoch order that is a
+pure function of (seed, epoch, position), each process reading its share, and every draw of a sample is seeded
+by its position, so those batches do not even depend on the process count. A checkpoint (``accelerator.save_state``:
 model, optimizer, LR schedule, EMA, every RNG state; plus ``state.json`` with the step and phase) is written
 to a temporary folder and renamed, so a kill at any moment leaves whole checkpoints only. ``--resume`` loads
 the newest one, drops the loss-curve rows written after it, and continues: the next step's loss is the one the
@@ -43,6 +46,8 @@ from proxies.data import LatentCache, digits_cache
 from proxies.quality.base import QualityContext, evaluate
 from proxies.quality.sampling import generate
 from proxies.quality.train import capture, paired_stages
+from proxies.shards import Draws, ShardedDataset, is_sharded, stream_loader
+from proxies.shards.store import is_remote
 from search_spaces import ConfigError, FlexibleUNet2DConditionModel, load_arch
 from search_spaces.checkpoints import load_pretrained, load_unet
 from search_spaces.yamlio import atomic_write, dump_json
@@ -81,16 +86,60 @@ class Trainer:
         self.stop_after = stop_after
         self.step = 0
         self.history: list[dict[str, Any]] = []
-        self._data: dict[str, LatentCache] = {}
+        self._data: dict[str, LatentCache | ShardedDataset] = {}
+        self._held: dict[str, LatentCache] = {}
+        self._stream: Any = None
+        self.text_encoder: Any = None
 
     # ---- setup -----------------------------------------------------------------------------------------------
 
-    def data(self, phase: Phase | None = None) -> LatentCache:
-        """The phase's cache (loaded once), checked against the phase's resolution and the model."""
-        key = (phase.data if phase is not None and phase.data else None) or self.recipe.data
+    def _data_key(self, phase: Phase | None) -> str:
+        return (phase.data if phase is not None and phase.data else None) or self.recipe.data
+
+    def data(self, phase: Phase | None = None) -> LatentCache | ShardedDataset:
+        """The phase's data, opened once: a one-file cache (read into memory) or a sharded dataset (streamed)."""
+        key = self._data_key(phase)
         if key not in self._data:
-            self._data[key] = digits_cache() if key == "digits" else LatentCache.load(self.recipe.path(key))
+            r = self.recipe
+            where = key if is_remote(key) else self.recipe.path(key)
+            if key == "digits":
+                self._data[key] = digits_cache()
+            elif is_sharded(where):
+                spec = r.loader
+                data = ShardedDataset(where, cache_dir=r.path(spec.cache_dir) if spec.cache_dir else None,
+                                      cache_bytes=int(spec.cache_gb * 2**30), verify=spec.verify,
+                                      skip_bad=spec.skip_bad_shards)
+                if data.skipped:
+                    self.log(f"{key}: {len(data.skipped)} bad shards left out: " + "; ".join(data.skipped))
+                self._data[key] = data
+            else:
+                self._data[key] = LatentCache.load(where)
         return self._data[key]
+
+    def held_out(self, phase: Phase | None = None) -> LatentCache:
+        """In-memory data for validation images and held-out losses: the cache itself, or a bounded set of a
+        sharded dataset's validation records (``loader.val_items``)."""
+        data = self.data(phase)
+        if isinstance(data, LatentCache):
+            return data
+        key = self._data_key(phase)
+        if key not in self._held:
+            self._held[key] = data.in_memory(train=self.recipe.loader.val_items, val=self.recipe.loader.val_items,
+                                              encode=self._encode_text)
+        return self._held[key]
+
+    def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> embeddings with the frozen text encoder (datasets that store token ids)."""
+        device = next(self.text_encoder.parameters()).device
+        with torch.no_grad():
+            return self.text_encoder(tokens.to(device))[0].float()
+
+    def _stream_offset(self, index: int) -> int:
+        """Where phase ``index`` starts in its dataset's stream: after the samples of earlier phases on the same
+        data (a phase that continues on the same data continues its epoch)."""
+        r = self.recipe
+        key = self._data_key(r.phases[index])
+        return sum(p.steps * p.batch for p in r.phases[:index] if self._data_key(p) == key)
 
     def check(self) -> Trainer:
         """Everything that can be checked before training: data, model, teacher, resolutions. Raises
@@ -108,7 +157,13 @@ class Trainer:
             _located(lambda: check_parts(self.model, r.path(r.pipeline_from)), "pipeline_from")
         for i, phase in enumerate(r.phases):
             data = _located(lambda phase=phase: self.data(phase), f"phases[{i}].data" if phase.data else "data")
-            _located(lambda data=data: data.check_compatible(arch), "model")
+            width = None
+            if isinstance(data, ShardedDataset) and data.text_mode == "tokens":
+                if self.text_encoder is None:
+                    self.text_encoder = self._load_text_encoder(data)
+                width = int(self.text_encoder.config.hidden_size)
+            _located(lambda data=data, width=width: data.check_compatible(arch, *([width] if width else [])),
+                     "model")
             size = data.latent_shape[-1]
             expected = int(data.manifest.get("resolution", size))  # digits: the identity "VAE", pixels = latents
             if phase.resolution != expected:
@@ -121,6 +176,21 @@ class Trainer:
                                   "(written before it was stored: run `unet-nas data precompute` again)",
                                   field="caption_dropout")
         return self
+
+    def _load_text_encoder(self, data: ShardedDataset) -> Any:
+        """The frozen CLIP text encoder of a dataset that stores token ids: the recipe's ``text_encoder``, else
+        the one the dataset was precomputed with (its index names the folder)."""
+        from transformers import CLIPTextModel
+
+        from proxies.data import _load_model
+
+        path = self.recipe.text_encoder or data.index.meta.get("text_encoder")
+        if not path:
+            raise ConfigError("the dataset stores token ids: give the text encoder to run on them",
+                              field="text_encoder")
+        model = _located(lambda: _load_model(CLIPTextModel, self.recipe.path(path), "text_encoder",
+                                             self.allow_pickle), "text_encoder")
+        return model.eval().requires_grad_(False)
 
     def _build_model(self) -> FlexibleUNet2DConditionModel:
         spec = self.recipe.model
@@ -159,6 +229,8 @@ class Trainer:
         self.model.to(acc.device).train()
         if self.teacher is not None:
             self.teacher.to(acc.device).eval().requires_grad_(False)
+        if self.text_encoder is not None:
+            self.text_encoder.to(acc.device)
         self.noise = make_noise_scheduler(r)
         self.ema: EMAModel | None = None
         if any(p.ema for p in r.phases):
@@ -195,11 +267,10 @@ class Trainer:
         acc.free_memory()  # drop the previous phase's optimizer and schedule from accelerate's checkpoint lists
         model = acc.unwrap_model(self.model) if hasattr(self, "_prepared") else self.model
         optimizer = self._optimizer(phase, model)
-        # accelerate's prepared scheduler steps once per process on every optimizer step (as diffusers' training
-        # scripts assume), so the schedule is laid out over steps x processes to span the phase exactly
-        n = acc.num_processes
-        schedule = get_scheduler(phase.lr_schedule, optimizer, num_warmup_steps=phase.warmup_steps * n,
-                                 num_training_steps=phase.steps * n)
+        # the Accelerator is built with step_scheduler_with_optimizer=False, so a prepared scheduler steps once per
+        # call (once per optimizer step) on every process count: the schedule is laid out over the phase's steps
+        schedule = get_scheduler(phase.lr_schedule, optimizer, num_warmup_steps=phase.warmup_steps,
+                                 num_training_steps=phase.steps)
         self.model, optimizer, schedule = acc.prepare(model, optimizer, schedule)
         self._prepared = True
         micro, accum = self._micro_batch(phase, index)
@@ -207,10 +278,20 @@ class Trainer:
         if self._pending is not None:  # resuming inside this phase: optimizer and schedule state too
             acc.load_state(str(self._pending))
             self._pending = None
+            _rescale_schedule(schedule, self.step - start)  # a checkpoint of a run before this fix counted processes
             self.log(f"resumed at step {self.step} (phase {phase.name})")
         if self.ema is not None and phase.ema and self.step == start:
             self._reset_ema(phase)
-        data = self.data(phase).split("train")
+        data = self.data(phase)
+        if isinstance(data, ShardedDataset):  # streamed: the loader starts at this step, on this process's share
+            draws = Draws(r.seed, index, r.noise.num_train_timesteps, r.caption_dropout)
+            self._stream = iter(stream_loader(data, draws, self.step - start, phase.steps, phase.batch,
+                                              acc.process_index, acc.num_processes, micro,
+                                              self._stream_offset(index), workers=r.loader.workers,
+                                              block=r.loader.shuffle_block))
+        else:
+            data = data.split("train")
+            self._stream = None
         pairs = paired_stages(acc.unwrap_model(self.model), self.teacher) if (
             phase.distill and self.teacher is not None and r.distill.feature_weight > 0) else []
         self.log(f"phase {phase.name}: steps {self.step + 1}-{end}, {phase.optimizer} lr {phase.lr:g} "
@@ -233,7 +314,7 @@ class Trainer:
                 return False
         return True
 
-    def _train_step(self, phase: Phase, index: int, data: LatentCache, micro: int, accum: int,
+    def _train_step(self, phase: Phase, index: int, data: Any, micro: int, accum: int,
                     pairs: list[tuple[str, str]], optimizer: Any, schedule: Any) -> dict[str, Any]:
         r, acc = self.recipe, self.accelerator
         unwrapped = acc.unwrap_model(self.model)
@@ -266,9 +347,15 @@ class Trainer:
             self.ema.step(unwrapped.parameters())
         return {**totals, "lr": lr, "ema": int(ema_active)}
 
-    def _batch(self, data: LatentCache, n: int, micro: int) -> tuple[torch.Tensor, ...]:
+    def _batch(self, data: Any, n: int, micro: int) -> tuple[torch.Tensor, ...]:
         """(clean latents, text, timesteps, noise) of micro-batch ``micro`` of the coming step."""
         acc = self.accelerator
+        if self._stream is not None:  # a sharded dataset: the micro-batch's samples and draws come ready
+            b = next(self._stream)
+            text = b["text"].to(acc.device)
+            if self.text_encoder is not None and not text.is_floating_point():
+                text = self._encode_text(text)
+            return b["x0"].to(acc.device), text, b["t"].to(acc.device), b["noise"].to(acc.device)
         g = step_generator(self.recipe.seed, self.step, acc.process_index, micro)
         idx = torch.randint(0, len(data), (n,), generator=g)
         x0 = data.sample_latents(idx, g)
@@ -415,7 +502,7 @@ class Trainer:
         if not acc.is_main_process:
             return
         model = acc.unwrap_model(self.model)
-        data = self.data(self.recipe.phases[self.recipe.phase_at(max(self.step - 1, 0))]).split("val")
+        data = self.held_out(self.recipe.phases[self.recipe.phase_at(max(self.step - 1, 0))]).split("val")
         first: dict[str, int] = {}
         for i, caption in enumerate(data.captions):
             if caption not in first and len(first) < spec.num_images:
@@ -486,7 +573,7 @@ class Trainer:
             self._validate()
         last = _csv_rows(self._csv)
         tail = [float(row["loss"]) for row in last if row["phase"] == r.phases[-1].name][-5:]
-        data = self.data(r.phases[-1])
+        data = self.held_out(r.phases[-1])
         ctx = QualityContext(data=data, seed=r.seed, device=str(self.accelerator.device), scheduler=self.noise)
         metrics: dict[str, Any] = {
             "recipe": r.name, "steps": self.step, "final_loss": float(np.mean(tail)) if tail else float("nan"),
@@ -519,6 +606,18 @@ def _located(fn: Callable[[], Any], field: str) -> Any:
         where = f" ({exc.source}{':' + str(exc.line) if exc.line else ''})" if exc.source else ""
         inner = f"{exc.field}: " if exc.field else ""
         raise ConfigError(f"{inner}{exc.message}{where}", field=field) from None
+
+
+def _rescale_schedule(schedule: Any, position: int) -> None:
+    """Put a resumed LR schedule at ``position`` (optimizer steps done in the phase), whatever the process count
+    of the run that saved it (checkpoints written while the schedule was laid out over steps x processes
+    continue correctly too). The diffusers schedules are ``LambdaLR``s: the rate is a function of the position."""
+    inner = getattr(schedule, "scheduler", schedule)
+    inner.last_epoch = position
+    lrs = [base * lam(position) for base, lam in zip(inner.base_lrs, inner.lr_lambdas, strict=True)]
+    for group, lr in zip(inner.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    inner._last_lr = lrs
 
 
 def _fmt(value: Any) -> str:
