@@ -219,4 +219,4 @@ def main() -> None:
 
 
 # subcommand modules register themselves on `app` (imported last: they import from this module)
-from nas import cli_data, cli_latency, cli_onnx, cli_search, cli_train  # noqa: E402,F401
+from nas import cli_data, cli_evaluate, cli_latency, cli_onnx, cli_search, cli_train  # noqa: E402,F401

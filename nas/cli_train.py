@@ -28,9 +28,16 @@ def export_cmd(
                                              "the run's.")] = None,
     storage: Annotated[str | None, typer.Option(help="The run's storage URL if not its study.db.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the weights that are not inherited.")] = 0,
+    pipeline: Annotated[Path | None, typer.Option(help="Also write a diffusers pipeline folder here "
+                                                  "(StableDiffusionPipeline / DiffusionPipeline.from_pretrained "
+                                                  "load it).")] = None,
+    pipeline_from: Annotated[Path | None, typer.Option("--pipeline-from", help="Stable Diffusion folder whose VAE, "
+                                                       "text encoder and tokenizer the pipeline takes; default: "
+                                                       "the teacher's.")] = None,
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Write a chosen arch as a diffusers model folder with inherited teacher weights and a train.yaml."""
+    """Write a chosen arch as a diffusers model folder with inherited teacher weights and a train.yaml (and with
+    --pipeline a complete diffusers pipeline)."""
     from nas.export import arch_from_run, export
 
     if (run is None) == (arch is None):
@@ -50,9 +57,12 @@ def export_cmd(
         teacher_dir, subfolder = teacher, teacher_subfolder
         source = {"arch": str(arch)}
     folder, report = export(chosen, out, teacher=teacher_dir, teacher_subfolder=subfolder, data=data,
-                            recipe=recipe, seed=seed, source=source, allow_pickle=allow_pickle)
+                            recipe=recipe, seed=seed, source=source, allow_pickle=allow_pickle, pipeline=pipeline,
+                            pipeline_from=pipeline_from)
     console.print(f"wrote {folder}: config.json + diffusion_pytorch_model.safetensors, arch.yaml, "
                   "inheritance.json, train.yaml")
+    if pipeline is not None:
+        console.print(f"wrote the pipeline {pipeline}: DiffusionPipeline.from_pretrained({str(pipeline)!r}) loads it")
     console.print(report.summary() if report is not None else "no teacher: every weight is freshly initialised")
     console.print(f"train it with: unet-nas train {folder / 'train.yaml'}")
 

@@ -95,15 +95,28 @@ def default_recipe(data: str | None) -> Path:
 
 def export(arch: UNetArch, out: str | os.PathLike, teacher: str | os.PathLike | None = None,
            teacher_subfolder: str | None = None, data: str | None = None, recipe: str | os.PathLike | None = None,
-           seed: int = 0, source: dict[str, Any] | None = None,
-           allow_pickle: bool = False) -> tuple[Path, InheritanceReport | None]:
+           seed: int = 0, source: dict[str, Any] | None = None, allow_pickle: bool = False,
+           pipeline: str | os.PathLike | None = None,
+           pipeline_from: str | os.PathLike | None = None) -> tuple[Path, InheritanceReport | None]:
     """Build ``arch`` (fresh weights under ``seed``), inherit the teacher's weights where it keeps a block, and
-    write the model folder ``out`` atomically. Returns the folder and the inheritance report."""
+    write the model folder ``out`` atomically. With ``pipeline``, also a diffusers pipeline folder of the model
+    with the VAE, text encoder and tokenizer of ``pipeline_from`` (default: the teacher's Stable Diffusion folder)
+    and the recipe's scheduler (:mod:`nas.pipeline`). Returns the model folder and the inheritance report."""
+    from .pipeline import find_parts, write_pipeline
+
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError("the output folder exists and is not empty", field="--out", source=str(out))
+    if pipeline is not None:
+        if Path(pipeline).exists() and any(Path(pipeline).iterdir()):
+            raise ConfigError("the pipeline folder exists and is not empty", field="--pipeline", source=str(pipeline))
+        if pipeline_from is None and teacher is None:
+            raise ConfigError("a pipeline needs a VAE, text encoder and tokenizer: pass --pipeline-from (a Stable "
+                              "Diffusion folder) or a --teacher inside one", field="--pipeline-from")
+        base = Path(pipeline_from) if pipeline_from is not None else Path(teacher) / (teacher_subfolder or "")
+        pipeline_from = find_parts(base)  # a folder of the right layout, before any weight is built
     recipe_path = Path(recipe) if recipe is not None else default_recipe(data)
-    template, _ = read_file(recipe_path)
+    template, lines = read_file(recipe_path)
     if not isinstance(template, dict):
         raise ConfigError("a training recipe must be a mapping", source=str(recipe_path), line=1)
 
@@ -127,7 +140,10 @@ def export(arch: UNetArch, out: str | os.PathLike, teacher: str | os.PathLike | 
             info.update(report.to_dict())
         atomic_write(tmp / "inheritance.json", dump_json(info))
         atomic_write(tmp / "train.yaml", _train_yaml(template, recipe_path, out, teacher_dir, teacher_subfolder,
-                                                     data))
+                                                     data, pipeline_from))
+        if pipeline is not None:  # before the model folder appears: a refused pipeline leaves neither behind
+            write_pipeline(student.eval(), pipeline, pipeline_from, noise=_noise(template, recipe_path, lines),
+                           sampling=_sampling(template), allow_pickle=allow_pickle)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -137,11 +153,38 @@ def export(arch: UNetArch, out: str | os.PathLike, teacher: str | os.PathLike | 
     return out, report
 
 
+def _noise(template: dict[str, Any], recipe_path: Path, lines: dict[str, int]) -> Any:
+    """The recipe template's training noise schedule (what the pipeline's scheduler samples)."""
+    from pydantic import ValidationError
+
+    from nas.train.recipe import NoiseSpec
+
+    try:
+        return NoiseSpec.model_validate(template.get("noise") or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = "noise." + ".".join(str(p) for p in err["loc"]) if err["loc"] else "noise"
+        raise ConfigError(err["msg"].removeprefix("Value error, "), field=field).located(
+            str(recipe_path), lines) from None
+
+
+def _sampling(template: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's default call arguments: the recipe's validation sampling."""
+    v = template.get("validation") if isinstance(template.get("validation"), dict) else {}
+    return {"num_inference_steps": v.get("steps", 20), "guidance_scale": v.get("guidance", 3.0),
+            "guidance_rescale": v.get("guidance_rescale", 0.7)}
+
+
 def _train_yaml(template: dict[str, Any], recipe_path: Path, out: Path, teacher: str | None,
-                teacher_subfolder: str | None, data: str | None) -> str:
+                teacher_subfolder: str | None, data: str | None, pipeline_from: Path | None = None) -> str:
     """The recipe template with this folder as its model, the teacher (distillation on in every phase, as in
-    BK-SDM) and the data; other paths of the template are made absolute, since the file moves."""
+    BK-SDM), the data, and the pipeline parts if a pipeline was exported (training ends by writing one too);
+    other paths of the template are made absolute, since the file moves."""
     recipe = dict(template)
+    if pipeline_from is not None:
+        recipe["pipeline_from"] = str(Path(pipeline_from).resolve())
+    elif recipe.get("pipeline_from"):
+        recipe["pipeline_from"] = _absolute(recipe["pipeline_from"], recipe_path.resolve().parent)
     recipe["name"] = out.name
     recipe["model"] = {"pretrained": "."}
     base = recipe_path.resolve().parent

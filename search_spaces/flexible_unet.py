@@ -143,7 +143,9 @@ class FlexibleUNet2DConditionModel(ModelMixin, AttentionMixin, ConfigMixin):
     """A text-conditioned U-Net whose every stage has its own width, ResNet count, attention count, heads and
     transformer depth; a drop-in for diffusers' ``UNet2DConditionModel`` (same forward, same output type,
     usable as ``StableDiffusionPipeline(unet=...)``). ``AttentionMixin`` gives it diffusers' attention-processor
-    API (``attn_processors``, ``set_attn_processor``, ``fuse_qkv_projections``).
+    API (``attn_processors``, ``set_attn_processor``); attention slicing, QKV fusion and
+    ``set_default_attn_processor`` are UNet2DConditionModel's, so ``pipe.enable_attention_slicing()`` and
+    ``pipe.fuse_qkv_projections()`` act on it as on an SD U-Net.
 
     The config *is* the arch: ``FlexibleUNet2DConditionModel(**arch.to_dict())`` or :meth:`from_arch`, and
     ``model.arch`` gives the :class:`UNetArch` back. ``save_pretrained``/``from_pretrained`` work as for any
@@ -151,6 +153,13 @@ class FlexibleUNet2DConditionModel(ModelMixin, AttentionMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # diffusers' pipelines call these on their U-Net; AttentionMixin's versions look for the new attention class
+    # (AttentionModuleMixin) and so do nothing for the Transformer2DModel attentions both U-Nets are built from.
+    # UNet2DConditionModel's own versions walk any module tree, so they are used here unchanged: the same
+    # slicing, fusion (FusedAttnProcessor2_0, with the original processors kept for unfusing) and defaults.
+    set_attention_slice = UNet2DConditionModel.set_attention_slice
+    set_default_attn_processor = UNet2DConditionModel.set_default_attn_processor
+    fuse_qkv_projections = UNet2DConditionModel.fuse_qkv_projections
     _no_split_modules: ClassVar[list[str]] = ["BasicTransformerBlock", "ResnetBlock2D"]
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["norm"]
 
@@ -206,6 +215,22 @@ class FlexibleUNet2DConditionModel(ModelMixin, AttentionMixin, ConfigMixin):
         self.conv_norm_out = nn.GroupNorm(num_channels=c_out, num_groups=norm_num_groups, eps=norm_eps)
         self.conv_act = get_activation(act_fn)
         self.conv_out = nn.Conv2d(c_out, out_channels, kernel_size=3, padding=1)
+        self.original_attn_processors: dict[str, Any] | None = None  # set by fuse_qkv_projections
+
+    def unfuse_qkv_projections(self) -> None:
+        """Undo :meth:`fuse_qkv_projections`: the processors from before it come back and the fused copies
+        (``to_qkv``, ``to_kv``) are dropped, so the state dict (and a ``save_pretrained``) is the unfused one."""
+        from diffusers.models.attention_processor import Attention
+
+        if self.original_attn_processors is not None:
+            self.set_attn_processor(self.original_attn_processors)
+            self.original_attn_processors = None
+        for module in self.modules():
+            if isinstance(module, Attention) and getattr(module, "fused_projections", False):
+                for name in ("to_qkv", "to_kv", "to_added_qkv"):
+                    if hasattr(module, name):
+                        delattr(module, name)
+                module.fused_projections = False
 
     @property
     def arch(self) -> UNetArch:

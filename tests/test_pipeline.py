@@ -82,3 +82,68 @@ def test_saved_flexible_unet_loads_back_into_a_pipeline(parts, tmp_path):
     unet.save_pretrained(tmp_path)
     loaded = FlexibleUNet2DConditionModel.from_pretrained(tmp_path).eval()
     assert np.array_equal(_run(_pipe(unet, parts)), _run(_pipe(loaded, parts)))
+
+
+# ---- diffusers' pipeline features act on a FlexibleUNet as on its UNet2DConditionModel twin ----------------------
+
+
+def _twins():
+    """A diffusers UNet2DConditionModel and its FlexibleUNet copy (same weights)."""
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=8, attention_head_dim=4).eval()
+    return unet, FlexibleUNet2DConditionModel.from_unet2d(unet).eval()
+
+
+def _processor_names(unet) -> list[str]:
+    return sorted(type(p).__name__ for p in unet.attn_processors.values())
+
+
+def test_attention_slicing_acts_on_the_flexible_unet(parts):
+    ref_unet, flex = _twins()
+    before = _run(_pipe(flex, parts))
+    ref_pipe, pipe = _pipe(ref_unet, parts), _pipe(flex, parts)
+    ref_pipe.enable_attention_slicing(1)
+    pipe.enable_attention_slicing(1)
+    assert _processor_names(flex) == _processor_names(ref_unet)
+    assert set(_processor_names(flex)) == {"SlicedAttnProcessor"}  # not silently left as it was
+    out = _run(pipe)
+    assert np.abs(out - _run(ref_pipe)).max() <= 1e-5 and np.abs(out - before).max() <= 1e-5
+    pipe.disable_attention_slicing()
+    assert "SlicedAttnProcessor" not in _processor_names(flex)
+    assert np.abs(_run(pipe) - before).max() <= 1e-5
+
+
+def test_fuse_qkv_projections_fuses_every_attention_and_unfuses(parts):
+    from diffusers.models.attention_processor import Attention
+
+    ref_unet, flex = _twins()
+    keys = set(flex.state_dict())
+    before = _run(_pipe(flex, parts))
+    ref_pipe, pipe = _pipe(ref_unet, parts), _pipe(flex, parts)
+    ref_pipe.fuse_qkv_projections(vae=False)
+    pipe.fuse_qkv_projections(vae=False)
+    attentions = [m for m in flex.modules() if isinstance(m, Attention)]
+    assert len(attentions) == 8 and all(m.fused_projections for m in attentions)
+    assert set(_processor_names(flex)) == {"FusedAttnProcessor2_0"}
+    fused = _run(pipe)
+    assert np.abs(fused - _run(ref_pipe)).max() <= 1e-5 and np.abs(fused - before).max() <= 1e-5
+    assert np.abs(_run(pipe) - fused).max() == 0  # later calls still work
+    pipe.unfuse_qkv_projections(vae=False)
+    assert "FusedAttnProcessor2_0" not in _processor_names(flex)
+    assert set(flex.state_dict()) == keys  # the fused copies are gone: save_pretrained writes the plain model
+    assert np.abs(_run(pipe) - before).max() <= 1e-5
+    flex.fuse_qkv_projections()  # the model's own call, as on UNet2DConditionModel
+    assert all(m.fused_projections for m in attentions)
+
+
+def test_set_default_attn_processor_matches_diffusers(parts):
+    ref_unet, flex = _twins()
+    before = _run(_pipe(flex, parts))
+    ref_unet.set_default_attn_processor()
+    flex.set_default_attn_processor()
+    assert set(_processor_names(flex)) == {"AttnProcessor"} and _processor_names(flex) == _processor_names(ref_unet)
+    out = _run(_pipe(flex, parts))
+    assert np.abs(out - _run(_pipe(ref_unet, parts))).max() <= 1e-5 and np.abs(out - before).max() <= 1e-5

@@ -20,6 +20,7 @@ phases:
   - {name: ema, steps: 100, resolution: 8, batch: 64, optimizer: lamb, lr: 5.0e-3, ema: true}
 checkpoint: {every: 100, keep: 2}
 validation: {every: 200, num_images: 10, steps: 20, guidance: 3.0, guidance_rescale: 0.7}
+pipeline_from: null                     # an SD folder: also write <output>/pipeline (its VAE, CLIP, tokenizer)
 ```
 """
 
@@ -177,6 +178,9 @@ class Recipe(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     log: LogSpec = Field(default_factory=LogSpec)
     loader: LoaderSpec = Field(default_factory=LoaderSpec)
+    # a Stable Diffusion folder (vae/, text_encoder/, tokenizer/): at the end the trained model is also written
+    # as a diffusers pipeline, <output>/pipeline, with these parts and the recipe's scheduler (nas.pipeline)
+    pipeline_from: str | None = None
 
     base_dir: str = "."
 

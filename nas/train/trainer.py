@@ -151,6 +151,10 @@ class Trainer:
         if r.teacher is not None and any(p.distill for p in r.phases):
             self.teacher = _located(lambda: load_unet(r.path(r.teacher.path), subfolder=r.teacher.subfolder,
                                                         allow_pickle=self.allow_pickle), "teacher.path")
+        if r.pipeline_from is not None:
+            from nas.pipeline import check_parts
+
+            _located(lambda: check_parts(self.model, r.path(r.pipeline_from)), "pipeline_from")
         for i, phase in enumerate(r.phases):
             data = _located(lambda phase=phase: self.data(phase), f"phases[{i}].data" if phase.data else "data")
             width = None
@@ -537,6 +541,21 @@ class Trainer:
             images = latents[:, :3] if latents.shape[1] >= 3 else latents[:, :1]
         return ((images.clamp(-1, 1) + 1) / 2).cpu()
 
+    def _write_pipeline(self, model: FlexibleUNet2DConditionModel) -> None:
+        """``<output>/pipeline``: the trained model as a diffusers pipeline with the parts of the recipe's
+        ``pipeline_from`` (replacing one from an earlier finish)."""
+        from nas.pipeline import write_pipeline
+
+        r, v = self.recipe, self.recipe.validation
+        folder = self.out / "pipeline"
+        if folder.exists():
+            shutil.rmtree(folder)
+        sampling = {"num_inference_steps": v.steps, "guidance_scale": v.guidance,
+                    "guidance_rescale": v.guidance_rescale}
+        _located(lambda: write_pipeline(model, folder, r.path(r.pipeline_from), noise=r.noise, sampling=sampling,
+                                        allow_pickle=self.allow_pickle), "pipeline_from")
+        self.log(f"pipeline in {folder}")
+
     def _finish(self, seconds: float) -> dict[str, Any]:
         """Save the final model and write ``metrics.json``."""
         r = self.recipe
@@ -548,6 +567,8 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        if r.pipeline_from is not None:
+            self._write_pipeline(model)
         if r.validation.every == 0 or self.step % r.validation.every:
             self._validate()
         last = _csv_rows(self._csv)
