@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nas.cli import AllowPickle, app, console, fail, user_errors
-from nas.experiment import Experiment, load_experiment
+from nas.experiment import Experiment, load_experiment, run_storage_url
 from nas.redaction import install_log_filter, remember, scrub
 from nas.report import redact, write_report
 from search_spaces import ConfigError
@@ -28,13 +28,14 @@ def _breakdowns(exp: Experiment, evaluator: Any) -> Any:
     return "GMACs", lambda a: {k: v.macs / 1e9 for k, v in arch_costs(a).stages.items()}
 
 
-def _worker(path: str, storage_url: str, allow_pickle: bool = False) -> None:
-    """A second worker process on the same study (started by --workers)."""
+def _worker(path: str, storage_url: str, allow_pickle: bool = False, index: int = 1) -> None:
+    """Another worker process on the same study (started by --workers); ``index`` seeds its sampler."""
     from nas.search.objectives import Evaluator
     from nas.search.optuna_backend import run_worker
 
     exp = load_experiment(path)
-    run_worker(exp, Evaluator(exp, allow_pickle=allow_pickle).prepare(), storage_url, resume=True)
+    run_worker(exp, Evaluator(exp, allow_pickle=allow_pickle).prepare(), storage_url, resume=True,
+               worker=str(index))
 
 
 def _log(message: str) -> None:
@@ -105,8 +106,8 @@ def search(
     procs = []
     if workers > 1:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(str(file), storage_url, allow_pickle), daemon=False)
-                 for _ in range(workers - 1)]
+        procs = [ctx.Process(target=_worker, args=(str(file), storage_url, allow_pickle, i), daemon=False)
+                 for i in range(1, workers)]
         for p in procs:
             p.start()
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -128,7 +129,10 @@ def search(
             progress.update(task, completed=counted(study), status=status)
 
         try:
-            run_worker(exp, evaluator, storage_url, resume=True, on_trial=on_trial)
+            # the process that created the study is worker "0" (the experiment's own seed); one that joins or
+            # resumes seeds from its host and pid
+            run_worker(exp, evaluator, storage_url, resume=True, on_trial=on_trial, worker=None if resume else "0",
+                       log=lambda line: progress.console.print(scrub(line), style="dim"))
         except KeyboardInterrupt:
             interrupted = True
     for p in procs:
@@ -142,10 +146,18 @@ def search(
 
 
 def _finish(exp: Experiment, study: Any, storage_url: str, evaluator: Any) -> None:
-    facts = write_report(exp.run_dir, exp, study, storage_url, evaluator.reference_objectives(),
-                         _breakdowns(exp, evaluator))
+    """Write the report. Every worker does when it stops: under a lock in the run folder, each reads the study
+    afresh and writes, so the files always come from the newest snapshot (the last worker's)."""
+    from filelock import FileLock
+
+    references, breakdowns = evaluator.reference_objectives(), _breakdowns(exp, evaluator)
+    with FileLock(exp.run_dir / ".report.lock"):
+        facts = write_report(exp.run_dir, exp, study, storage_url, references, breakdowns)
+    running = facts["states"]["RUNNING"] + facts["states"]["WAITING"]
     console.print(f"{facts['trials']} trials ({facts['states']['COMPLETE']} complete, {facts['states']['FAIL']} "
-                  f"failed), {facts['pareto']} Pareto-optimal; report in {exp.run_dir}/summary.md")
+                  f"failed" + (f", {running} still running or queued in other workers, which rewrite the report "
+                               "when they stop" if running else "")
+                  + f"), {facts['pareto']} Pareto-optimal; report in {exp.run_dir}/summary.md")
 
 
 @app.command("report")
@@ -167,9 +179,7 @@ def report(
     if not path.is_file():
         raise fail(f"{run}: not a run folder (no experiment.yaml)")
     exp = load_experiment(path, overrides={"output_dir": str(run.parent), "name": run.name})
-    url = storage or (exp.storage_url() if exp.storage is None else None)
-    if url is None:
-        raise ConfigError("this run used a remote storage: pass --storage", field="storage")
+    url = run_storage_url(exp, storage, path)
     try:
         study = optuna.load_study(study_name=exp.name, storage=make_storage(url, exp))
     except KeyError:

@@ -233,6 +233,23 @@ class Experiment(_Strict):
         return value
 
 
+def run_storage_url(exp: Experiment, override: str | None, saved: str | os.PathLike) -> str:
+    """The storage of a finished run (``unet-nas report``, ``export``), found the way ``search`` finds it:
+    ``--storage``, else the saved experiment's ``storage`` (``{env: VARIABLE}`` and ``{file: path}`` read
+    now, a URL as saved), else the run's ``study.db``. A URL was saved with its password masked: then the
+    error asks for ``--storage`` or, better, ``{env: ...}`` (a password on the command line ends up in the
+    shell history and the process list)."""
+    try:
+        url = exp.storage_url(override)
+    except ConfigError as exc:
+        raise exc.located(str(saved), read_file(saved)[1]) from None
+    if override is None and isinstance(exp.storage, str) and ":***@" in url:
+        raise ConfigError("this run's storage URL was saved with its password masked: set the password through "
+                          "the experiment's storage: {env: VARIABLE} (or {file: path}), or pass --storage",
+                          field="storage").located(str(saved), read_file(saved)[1])
+    return url
+
+
 def load_experiment(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Experiment:
     """Read and validate an experiment file; one ConfigError naming file, field and line on any problem."""
     data, lines = read_file(path)

@@ -43,7 +43,7 @@ def arch_from_run(run: str | os.PathLike, trial: int, storage: str | None = None
     """Trial ``trial`` of the search in ``run`` (``runs/<name>``), read from the run's study."""
     import optuna
 
-    from .experiment import load_experiment
+    from .experiment import load_experiment, run_storage_url
     from .report import redact
     from .search.optuna_backend import make_storage
 
@@ -52,9 +52,7 @@ def arch_from_run(run: str | os.PathLike, trial: int, storage: str | None = None
     if not path.is_file():
         raise ConfigError("not a search run folder (no experiment.yaml)", source=str(run))
     exp = load_experiment(path, overrides={"output_dir": str(run.parent), "name": run.name})
-    url = storage or (exp.storage_url() if exp.storage is None else None)
-    if url is None:
-        raise ConfigError("this run used a remote storage: pass --storage", field="storage", source=str(path))
+    url = run_storage_url(exp, storage, path)
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.load_study(study_name=exp.name, storage=make_storage(url, exp))

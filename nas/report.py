@@ -84,9 +84,11 @@ def write_report(run_dir: Path, exp: Experiment, study: optuna.Study, storage_ur
             chosen = {f"trial {t.number}": UNetArch.from_dict(t.user_attrs["arch"]) for t in front[:8]}
             _plot_breakdown(run_dir / "latency_breakdown.png", chosen, breakdowns)
 
+    from nas.search.accounting import account
+
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     facts = {"trials": len(trials), "states": states, "feasible": len(feasible), "pareto": len(front),
-             "best": {k: t.number for k, t in best.items()}}
+             "best": {k: t.number for k, t in best.items()}, "kinds": account(trials)}
     atomic_write(run_dir / "summary.md", _summary_md(exp, storage_url, trials, front, best, references, facts))
     return facts
 
@@ -195,12 +197,13 @@ def _summary_md(exp: Experiment, storage_url: str, trials: list[FrozenTrial], fr
                 best: dict[str, FrozenTrial], references: dict[str, dict[str, float]], facts: dict[str, Any]) -> str:
     names = [o.name for o in exp.objectives]
     lines = [f"# {exp.name}", "",
-             f"- storage: `{redact(storage_url)}`",
+             f"- storage: `{redact(_with_driver(storage_url))}`",
              f"- strategy: {exp.strategy.name}, backend: {exp.backend}, seed: {exp.seed}",
              f"- budget: {exp.budget.trials} trials"
              + (f", {exp.budget.wall_time:g} s" if exp.budget.wall_time else ""),
              f"- trials: {facts['trials']} (" + ", ".join(f"{k.lower()} {v}" for k, v in facts["states"].items() if v)
-             + f"), feasible {facts['feasible']}, Pareto-optimal {facts['pareto']}", ""]
+             + f"), feasible {facts['feasible']}, Pareto-optimal {facts['pareto']}",
+             _kinds_line(facts["kinds"]), ""]
     if best:
         lines += ["## Best per constraint", "", "| constraint | trial | " + " | ".join(names) + " | arch |",
                   "|---|---|" + "---|" * len(names) + "---|"]
@@ -216,11 +219,40 @@ def _summary_md(exp: Experiment, storage_url: str, trials: list[FrozenTrial], fr
         lines += ["", "## Reference archs", "", "| arch | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [f"| {n} | " + " | ".join(f"{v[k]:.6g}" if k in v else "-" for k in names) + " |"
                   for n, v in references.items()]
+    lines += _trouble_md(trials)
+    lines += ["", "Files: trials.csv, pareto.json, pareto.png, pareto.html, latency_breakdown.png, best/*.yaml. "
+              "Browse the study with `optuna-dashboard` on the storage URL above (`optuna.load_study` takes it too; "
+              "constraints are in each trial's `constraints` system attribute).", ""]
+    return "\n".join(lines)
+
+
+def _with_driver(url: str) -> str:
+    """The storage URL as plain Optuna and optuna-dashboard open it (the installed PostgreSQL driver named)."""
+    from nas.search.optuna_backend import with_driver
+
+    return with_driver(url)
+
+
+def _kinds_line(kinds: dict[str, Any]) -> str:
+    """Evaluated, duplicate, lost, retried and restarted trials, told apart (see nas.search.accounting)."""
+    return (f"- evaluated: {kinds['evaluated']} trials, {kinds['distinct_archs']} distinct archs; duplicates (an "
+            f"earlier result reused, nothing evaluated): {kinds['duplicates']}; failed by their own error: "
+            f"{kinds['errors']}; lost (worker, node or driver died): {kinds['lost']} (retried {kinds['retried']}, "
+            f"not retried {kinds['not_retried']}); restarted by Ray: {kinds['restarted']}")
+
+
+def _trouble_md(trials: list[FrozenTrial]) -> list[str]:
+    """The failed trials (each error, or why it was lost and whether it was retried) and Ray's restarts."""
+    from nas.search.accounting import failure_line, restart_line, retries
+
+    lines: list[str] = []
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
+        retried_by = retries(trials)
         lines += ["", "## Failed trials", ""]
-        lines += [f"- trial {t.number}: {scrub(str(t.user_attrs.get('error', 'worker lost (heartbeat), retried')))}"
-                  for t in failed]
-    lines += ["", "Files: trials.csv, pareto.json, pareto.png, pareto.html, latency_breakdown.png, best/*.yaml. "
-              "Browse the study with `optuna-dashboard` on the storage URL.", ""]
-    return "\n".join(lines)
+        lines += [f"- trial {t.number}: {scrub(failure_line(t, retried_by))}" for t in failed]
+    restarted = [t for t in trials if int(t.user_attrs.get("restarts", 0)) > 0]
+    if restarted:
+        lines += ["", "## Restarted trials", ""]
+        lines += [f"- trial {t.number}: {scrub(restart_line(t))}" for t in restarted]
+    return lines

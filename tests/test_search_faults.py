@@ -1,9 +1,12 @@
 """Fault tolerance of the local search, with real processes and real databases.
 
-* ``kill -9`` of a search in the middle of a trial, then ``--resume``: finished trials survive unchanged, the
-  killed trial is failed by its stale heartbeat and its arch retried, and the budget is met exactly.
-* Two worker processes on one study in a throwaway PostgreSQL server on 127.0.0.1: every evaluation lands in
-  exactly one trial, and the password (given through an environment variable) is written nowhere.
+* ``kill -9`` of a search in the middle of a trial, then an immediate ``--resume``: finished trials survive
+  unchanged, the killed trial is failed at once (its worker provably gone, long before ``heartbeat_grace``)
+  and its arch retried, and the budget is met exactly.
+* Two worker processes on one study in a throwaway PostgreSQL server on 127.0.0.1: they draw from distinct
+  seeds and evaluate no arch twice, every evaluation lands in exactly one trial, the last report is right,
+  ``report``/``export`` read the ``{env: ...}`` storage, plain Optuna opens the study with its constraints, and
+  the password (given through an environment variable) is written nowhere.
 * Broken experiment files: exit code 2, one line naming the field and line, and no run folder.
 
 The PostgreSQL tests fail (they do not skip) when no server binaries can be found: ``.ci/run`` installs them.
@@ -81,7 +84,9 @@ def _sqlite_states(db: Path, study: str) -> dict[int, str]:
 def test_kill_9_then_resume_keeps_finished_trials_retries_the_killed_one_and_meets_the_budget(tmp_path):
     budget = 4
     path = tmp_path / "exp.yaml"
-    path.write_text(SLOW.format(name="killed", strategy="nsga2", trials=budget))
+    # a grace far longer than the resumed search: only the proof that the worker is gone can fail its trial
+    path.write_text(SLOW.format(name="killed", strategy="nsga2", trials=budget).replace("heartbeat_grace: 2",
+                                                                                          "heartbeat_grace: 600"))
     db = tmp_path / "runs" / "killed" / "study.db"
     cmd = [sys.executable, "-m", "nas", "search", str(path)]
     out = tmp_path / "first.log"
@@ -111,17 +116,20 @@ def test_kill_9_then_resume_keeps_finished_trials_retries_the_killed_one_and_mee
     killed = running[0]
     assert "arch" in killed.user_attrs and "seconds" not in killed.user_attrs  # killed while evaluating
 
-    time.sleep(2 + 1)  # heartbeat_grace, plus one heartbeat_interval: the dead worker's trial is now stale
+    # at once: the killed worker ran on this host and its pid is gone, which --resume can prove
     res = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr
+    assert f"trial {killed.number} FAIL: its worker {killed.user_attrs['worker']} no longer runs" in res.stdout
 
     after = optuna.load_study(study_name="killed", storage=storage)
     trials = {t.number: t for t in after.trials}
     for number, (values, params) in finished.items():  # every trial finished before the kill, unchanged
         assert trials[number].state == TrialState.COMPLETE
         assert (trials[number].values, trials[number].params) == (values, params)
+    assert not [t.number for t in after.trials if t.state == TrialState.RUNNING]  # nothing left RUNNING
     dead = trials[killed.number]
-    assert dead.state == TrialState.FAIL and "error" not in dead.user_attrs  # failed by its stale heartbeat
+    assert dead.state == TrialState.FAIL and "error" not in dead.user_attrs  # lost, not failed by its own error
+    assert "no longer runs" in dead.user_attrs["lost"]
     retries = [t for t in after.trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1 and retries[0].params == killed.params  # the same arch, run again
     assert retries[0].state == TrialState.COMPLETE and retries[0].user_attrs["arch"] == killed.user_attrs["arch"]
@@ -131,6 +139,9 @@ def test_kill_9_then_resume_keeps_finished_trials_retries_the_killed_one_and_mee
     assert len(after.trials) == budget + 1
     rows = (tmp_path / "runs" / "killed" / "trials.csv").read_text().splitlines()
     assert len(rows) == 1 + budget + 1 and f"{killed.number},FAIL" in "\n".join(rows)
+    summary = (tmp_path / "runs" / "killed" / "summary.md").read_text()
+    assert f"- trial {killed.number}: lost: its worker" in summary
+    assert f"retried as trial {retries[0].number} (COMPLETE)" in summary and "running" not in summary
 
 
 # ---- PostgreSQL ------------------------------------------------------------------------------------------------
@@ -257,10 +268,28 @@ main()
 """
 
 
-def test_two_workers_on_one_postgres_study_lose_and_duplicate_nothing(tmp_path, postgres):
-    budget = 6
+# two cheap objectives and a zero-cost quality proxy: 30 trials take seconds, so duplicates, not proxy time, show
+TWO_WORKERS = """name: {name}
+seed: 1
+space: digits
+data: digits
+objectives:
+  - {{name: quality, kind: quality, proxy: grad_norm}}
+  - {{name: params, kind: params}}
+constraints:
+  - {{objective: params, max: 300000}}
+strategy: {{name: random}}
+budget: {{trials: {trials}}}
+heartbeat_interval: 1
+heartbeat_grace: 5
+storage: {{env: NAS_TEST_DB}}
+"""
+
+
+def test_two_workers_on_one_postgres_study_evaluate_distinct_archs_and_lose_nothing(tmp_path, postgres):
+    budget = 30
     path = tmp_path / "exp.yaml"
-    path.write_text(SLOW.format(name="pg_two", strategy="random", trials=budget) + "storage: {env: NAS_TEST_DB}\n")
+    path.write_text(TWO_WORKERS.format(name="pg_two", trials=budget))
     ledger = tmp_path / "ledger.jsonl"
     env = _env(NAS_TEST_DB=postgres.url, NAS_TEST_LEDGER=str(ledger))
     cmd = [sys.executable, "-c", LEDGER_CLI, "search", str(path)]
@@ -294,11 +323,15 @@ def test_two_workers_on_one_postgres_study_lose_and_duplicate_nothing(tmp_path, 
     pids = {t.number: int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials}
     assert set(pids.values()) == {first.pid, second.pid}  # both workers took part
     # each evaluation is in exactly one trial, and each trial that evaluated did so once
-    noted = Counter((e["pid"], json.dumps(e["arch"], sort_keys=True))
-                    for e in map(json.loads, ledger.read_text().splitlines()))
+    evaluations = [json.loads(line) for line in ledger.read_text().splitlines()]
+    noted = Counter((e["pid"], json.dumps(e["arch"], sort_keys=True)) for e in evaluations)
     evaluated = Counter((pids[t.number], json.dumps(t.user_attrs["arch"], sort_keys=True))
                         for t in trials if "duplicate_of" not in t.user_attrs)
     assert noted == evaluated
+    # distinct seeds, and no arch evaluated twice by the two workers together
+    archs = Counter(json.dumps(e["arch"], sort_keys=True) for e in evaluations)
+    assert max(archs.values()) == 1, [n for n in archs.values() if n > 1]
+    assert len(archs) >= budget - 1, f"{len(archs)} distinct archs evaluated in {len(trials)} trials"
     by_number = {t.number: t for t in trials}
     for t in trials:  # a re-suggested arch reuses an earlier trial's values instead of evaluating again
         if "duplicate_of" in t.user_attrs:
@@ -306,11 +339,45 @@ def test_two_workers_on_one_postgres_study_lose_and_duplicate_nothing(tmp_path, 
             assert (earlier.params, earlier.values) == (t.params, t.values)
     # the budget is checked after each trial, so each extra worker may finish one trial more (see the docs)
     assert budget <= counted(study) <= budget + 1
-    files = [f for f in (tmp_path / "runs" / "pg_two").rglob("*") if f.is_file()]
+    run = tmp_path / "runs" / "pg_two"
+    files = [f for f in run.rglob("*") if f.is_file()]
     assert {"trials.csv", "summary.md", "experiment.yaml", "pareto.json"} <= {f.name for f in files}
     leaked = [str(f) for f in files if postgres.password.encode() in f.read_bytes()]
     assert not leaked, f"the database password is written in {leaked}"
     assert all(postgres.password not in out for out in outputs)
+
+    # both workers wrote the report; the files hold the final state, whichever finished last
+    summary = (run / "summary.md").read_text()
+    assert f"- trials: {len(trials)} (complete {len(trials)})" in summary, summary
+    assert len((run / "trials.csv").read_text().strip().splitlines()) == 1 + len(trials)
+    duplicates = sum("duplicate_of" in t.user_attrs for t in trials)
+    assert f"{len(archs)} distinct archs; duplicates (an earlier result reused, nothing evaluated): {duplicates};" \
+        in summary
+
+    # report and export read the {env: NAS_TEST_DB} storage as search does: no --storage, no password typed
+    os.environ["NAS_TEST_DB"] = postgres.url
+    try:
+        reported = runner.invoke(app, ["report", str(run)])
+        from nas.export import arch_from_run
+
+        chosen = arch_from_run(run, trials[0].number)
+    finally:
+        del os.environ["NAS_TEST_DB"]
+    assert reported.exit_code == 0, reported.output
+    assert chosen.arch.to_dict() == trials[0].user_attrs["arch"]
+    unset = runner.invoke(app, ["report", str(run)])
+    assert unset.exit_code == 2 and "storage.env: environment variable NAS_TEST_DB is not set" in unset.output
+
+    # plain Optuna, on the URL summary.md names, sees the constraints: best_trials holds feasible trials only
+    url = summary.split("- storage: `", 1)[1].split("`", 1)[0]
+    assert url.startswith("postgresql+psycopg2://nas:***@"), url
+    plain = optuna.load_study(study_name="pg_two", storage=url.replace("***", postgres.password))
+    feasible = {t.number for t in plain.trials if all(c <= 0 for c in t.system_attrs["constraints"])}
+    assert 0 < len(feasible) < len(plain.trials)  # the bound splits the trials
+    for t in plain.trials:
+        assert t.system_attrs["constraints"] == [t.values[1] - 300000]  # where optuna-dashboard reads them
+        assert list(t.constraints.values()) == [t.values[1] - 300000]
+    assert plain.best_trials and {t.number for t in plain.best_trials} <= feasible
 
 
 def test_a_wrong_postgres_password_is_one_clear_error_that_shows_no_password(tmp_path, monkeypatch, postgres):

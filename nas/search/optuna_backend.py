@@ -8,10 +8,13 @@ same place.
   parameters read naturally in optuna-dashboard (``down[1].attentions = 2``).
 * Failures (an exception, NaN, running out of memory) are recorded as FAIL with the reason in the trial's
   ``error`` attribute, and the search goes on.
-* Constraints are set on each trial (``trial.set_constraint``, <= 0 is feasible) for the samplers'
-  constraint handling, never as a penalty.
-* Heartbeats: a trial whose worker died (``kill -9``, a lost node) is marked FAIL once its heartbeat is stale
-  and retried with the same arch (``RetryHeartbeatStaleTrialCallback``).
+* Constraints are stored on each trial where Optuna reads them (the ``constraints`` system attribute: a list,
+  <= 0 is feasible, in the order of the study's ``constraints`` user attribute), for the samplers' constraint
+  handling, never as a penalty. Optuna 5 reads the list as well as its newer per-key form, while
+  optuna-dashboard (0.21) and Optuna 4's samplers read only the list; ``best_trials`` then skips infeasible ones.
+* Several workers sample from distinct seeds and never evaluate one arch twice (see :mod:`.workers`).
+* Heartbeats: a trial whose worker died (``kill -9``, a lost node) is marked FAIL once its heartbeat is stale,
+  or at once when its worker is provably gone (same host, no such process), and retried with the same arch.
 * The budget counts finished trials of all workers (completed, pruned, and failed by their own error; a
   crashed worker's trial is retried, not counted twice).
 """
@@ -29,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from nas.experiment import Experiment
@@ -39,6 +42,9 @@ from search_spaces.space import SearchSpace
 
 from .objectives import Evaluator
 from .picklable import NSGAIISampler
+from .workers import RetryLostTrial, claim_arch, fail_dead_trials, mark_worker, twin, worker_seed
+
+CONSTRAINTS_KEY = "constraints"  # optuna.study._constrained_optimization._CONSTRAINTS_KEY (a list of floats)
 
 # failures are recorded in the study (and trials.csv, summary.md); Optuna's per-trial warnings with tracebacks
 # would only bury the progress bar
@@ -91,7 +97,7 @@ def make_storage(url: str, exp: Experiment) -> RDBStorage:
     try:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna; we rely on them knowingly
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = RetryHeartbeatStaleTrialCallback(max_retry=exp.max_retries)
+            retry = RetryLostTrial(max_retry=exp.max_retries)
             return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=exp.heartbeat_interval,
                               grace_period=exp.heartbeat_grace, heartbeat_stale_trial_callback=retry)
     except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
@@ -102,26 +108,28 @@ def make_storage(url: str, exp: Experiment) -> RDBStorage:
                           f"{hint}", field="storage") from None
 
 
-def make_sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
-    """The strategy's sampler. Constraints reach NSGA-II and TPE through ``trial.set_constraint``."""
+def make_sampler(exp: Experiment, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The strategy's sampler, seeded with ``seed`` (a worker's, see :func:`.workers.worker_seed`; default the
+    experiment's). Constraints reach NSGA-II and TPE through the trials' ``constraints`` system attribute."""
     s = exp.strategy
+    seed = exp.seed if seed is None else seed
     if s.name == "nsga2":
-        return NSGAIISampler(population_size=s.population, seed=exp.seed)  # picklable for Ray (Optuna >= 5.1)
+        return NSGAIISampler(population_size=s.population, seed=seed)  # picklable for Ray (Optuna >= 5.1)
     if s.name == "tpe":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=exp.seed, multivariate=True, group=True,
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                               n_startup_trials=min(10, max(2, exp.budget.trials // 3)))
     # random, and the evolutionary strategy, which draws its first population at random and then enqueues
     # cost-model-filtered children (see Evolution)
-    return optuna.samplers.RandomSampler(seed=exp.seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
-def open_study(exp: Experiment, storage: RDBStorage, resume: bool) -> optuna.Study:
+def open_study(exp: Experiment, storage: RDBStorage, resume: bool, seed: int | None = None) -> optuna.Study:
     directions = ["minimize"] * len(exp.objectives)
     if resume:
         try:
-            study = optuna.load_study(study_name=exp.name, storage=storage, sampler=make_sampler(exp))
+            study = optuna.load_study(study_name=exp.name, storage=storage, sampler=make_sampler(exp, seed))
         except KeyError:
             raise ConfigError(f"no study {exp.name!r} to resume in this storage", field="name") from None
         if len(study.directions) != len(directions):
@@ -130,7 +138,7 @@ def open_study(exp: Experiment, storage: RDBStorage, resume: bool) -> optuna.Stu
         return study
     try:
         study = optuna.create_study(study_name=exp.name, storage=storage, directions=directions,
-                                    sampler=make_sampler(exp))
+                                    sampler=make_sampler(exp, seed))
     except optuna.exceptions.DuplicatedStudyError:
         raise ConfigError(f"a study named {exp.name!r} already exists: pass --resume to continue it, or rename "
                           "the experiment", field="name") from None
@@ -160,9 +168,9 @@ class Evolution:
     keeps the one the cheap objectives (params, MACs, predicted latency) rank best, SnapFusion/OFA style:
     the expensive quality proxy only runs on candidates that already look good on cost."""
 
-    def __init__(self, exp: Experiment, space: SearchSpace, evaluator: Evaluator):
+    def __init__(self, exp: Experiment, space: SearchSpace, evaluator: Evaluator, seed: int | None = None):
         self.exp, self.space, self.evaluator = exp, space, evaluator
-        self.rng = random.Random(exp.seed)
+        self.rng = random.Random(exp.seed if seed is None else seed)  # a worker's own seed: workers differ
 
     def __call__(self, study: optuna.Study, _trial: FrozenTrial) -> None:
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
@@ -198,16 +206,32 @@ class Evolution:
 # ---- running ---------------------------------------------------------------------------------------------------
 
 
+def record_constraints(trial: Trial, constraints: dict[str, float]) -> None:
+    """The constraint values (``value - bound``, <= 0 feasible) where Optuna's samplers, ``best_trials`` and
+    optuna-dashboard read them, and by label in the ``constraints`` user attribute for the report."""
+    trial.set_user_attr("constraints", constraints)
+    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, [float(v) for v in constraints.values()])
+    trial.set_user_attr("feasible", all(v <= 0 for v in constraints.values()))
+
+
 def make_objective(exp: Experiment, evaluator: Evaluator) -> Callable[[Trial], tuple[float, ...]]:
     names = [o.name for o in exp.objectives]
 
     def objective(trial: Trial) -> tuple[float, ...]:
+        # which process ran it: with several workers or hosts, a lost or doubled trial can be traced, and a
+        # dead worker's trial failed at once
+        mark_worker(trial)
         arch = suggest_arch(evaluator.space, trial)
-        # which process ran it: with several workers or hosts, a lost or doubled trial can be traced
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("arch_summary", str(arch).split("(", 1)[1].rstrip(")"))
-        previous = _same_arch(trial)
+        claim_arch(trial)
+
+        def waiting(other: FrozenTrial) -> None:
+            if trial.user_attrs.get("waited_for") != other.number:
+                trial.set_user_attr("waited_for", other.number)  # another worker is evaluating this arch
+            fail_dead_trials(trial.study)  # the one waited for may belong to a worker that died meanwhile
+
+        previous = twin(trial, waiting)
         try:
             if previous is not None:
                 values = dict(zip(names, previous.values, strict=True))
@@ -223,10 +247,7 @@ def make_objective(exp: Experiment, evaluator: Evaluator) -> Callable[[Trial], t
         except Exception as exc:
             trial.set_user_attr("error", scrub(f"{type(exc).__name__}: {exc}")[:500])
             raise
-        trial.set_user_attr("constraints", ev_constraints)
-        for label, value in ev_constraints.items():
-            trial.set_constraint(label, float(value))  # Optuna's constraint handling: <= 0 is feasible
-        trial.set_user_attr("feasible", all(v <= 0 for v in ev_constraints.values()))
+        record_constraints(trial, ev_constraints)
         trial.set_user_attr("seconds", seconds)
         return tuple(values[n] for n in names)
 
@@ -242,10 +263,20 @@ def _same_arch(trial: Trial) -> FrozenTrial | None:
 
 
 def run_worker(exp: Experiment, evaluator: Evaluator, storage_url: str, resume: bool,
-               on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> optuna.Study:
-    """Run trials until the budget (all workers together) or the wall time is used up."""
+               on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None, worker: str | None = None,
+               log: Callable[[str], Any] | None = None) -> optuna.Study:
+    """Run trials until the budget (all workers together) or the wall time is used up.
+
+    ``worker`` names this worker for its sampler seed (:func:`.workers.worker_seed`): ``"0"`` for the one that
+    created the study, an index for the local ``--workers`` processes, default ``host:pid``. Before the first
+    trial the RUNNING trials of provably dead workers are failed and retried; ``log`` receives one line about
+    each, and one about the RUNNING trials left to their (maybe live) workers."""
     storage = make_storage(storage_url, exp)
-    study = open_study(exp, storage, resume)
+    seed = worker_seed(exp.seed, worker if worker is not None else f"{socket.gethostname()}:{os.getpid()}")
+    study = open_study(exp, storage, resume, seed)
+    left = fail_dead_trials(study, log)
+    if left is not None and log is not None:
+        log(left)
     start = time.monotonic()
     budget = exp.budget
 
@@ -257,15 +288,15 @@ def run_worker(exp: Experiment, evaluator: Evaluator, storage_url: str, resume: 
 
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [stop_when_spent]
     if exp.strategy.name == "evolution":
-        callbacks.insert(0, Evolution(exp, evaluator.space, evaluator))
+        callbacks.insert(0, Evolution(exp, evaluator.space, evaluator, seed))
     if on_trial is not None:
         callbacks.append(on_trial)
     # trials that do not count (a dead worker's, retried) leave budget over after n_trials: go round again
     for _ in range(1 + exp.max_retries):
         remaining = budget.trials - counted(study)
-        left = None if budget.wall_time is None else budget.wall_time - (time.monotonic() - start)
-        if remaining <= 0 or (left is not None and left <= 0):
+        left_s = None if budget.wall_time is None else budget.wall_time - (time.monotonic() - start)
+        if remaining <= 0 or (left_s is not None and left_s <= 0):
             break
-        study.optimize(make_objective(exp, evaluator), n_trials=remaining, timeout=left, catch=(Exception,),
+        study.optimize(make_objective(exp, evaluator), n_trials=remaining, timeout=left_s, catch=(Exception,),
                        callbacks=callbacks, gc_after_trial=False)
     return study

@@ -33,10 +33,14 @@ Known limits (also in docs/ray.md):
 * ``OptunaSearch`` ignores intermediate results for multi-objective studies (Optuna has no multi-objective
   ``report``/pruning) and uses Optuna's ``NopPruner``: early stopping is ASHA's job only. It has no constraint
   support of its own; constraints work because this module sets them on the trial before ``tell``.
-* One Ray driver per study. ``--resume`` restores the latest Ray experiment under ``runs/<name>/ray/``
-  (``Tuner.restore``: unfinished trials restart, errored ones stay FAIL), then starts a new Tune run for the
-  budget still left. Optuna trials the killed driver had asked but Ray had not checkpointed are marked FAIL
-  without ``error`` (not counted against the budget, like a dead worker's trial in the local backend).
+* One Ray driver per study. ``--resume`` does not restore Ray's own experiment (``Tuner.restore`` re-runs
+  the trials Ray had not checkpointed as finished, COMPLETE ones included): the study is the record. The
+  trials the killed driver left RUNNING are marked FAIL with ``lost`` (not counted against the budget) and
+  retried with the same arch (up to ``max_retries``, as a dead worker's trial in the local backend), then a new
+  Tune run under ``runs/<name>/ray/`` takes the budget still left, queued retries first.
+* Where a trial ran and what it survived is in its user attributes: ``node`` (Ray node id) and ``host`` of
+  the attempt that finished it, ``restarts`` and ``restart_reasons`` when Ray restarted it after a failure
+  (a node lost, a worker killed); ``summary.md`` lists them under "Restarted trials".
 * Every node must see the repository and the run folder at the same absolute path (a shared filesystem), as
   workers load the teacher and latency profile the driver prepared there. Ray pickles the searcher into
   ``runs/<name>/ray/``; its storage pickles with the URL redacted (``_PrivateRDBStorage``) and the driver finds
@@ -66,7 +70,16 @@ from search_spaces.space import SearchSpace
 from search_spaces.yamlio import dump_yaml
 
 from .objectives import Evaluator
-from .optuna_backend import Evolution, _same_arch, counted, make_sampler, open_study, suggest_arch, with_driver
+from .optuna_backend import (
+    Evolution,
+    _same_arch,
+    counted,
+    make_sampler,
+    open_study,
+    record_constraints,
+    suggest_arch,
+    with_driver,
+)
 from .picklable import check_picklable
 from .tested import untested
 
@@ -112,14 +125,9 @@ def run_ray(exp: Experiment, file: str | Path, storage_url: str, resume: bool,
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, exp_data=exp_data, allow_pickle=allow_pickle),
             {"cpu": exp.ray.cpus_per_trial, "gpu": exp.ray.gpus_per_trial})
-        previous = sorted(p for p in ray_dir.glob("search_*") if tune.Tuner.can_restore(p)) if ray_dir.is_dir() \
-            else []
-        if resume and previous:
-            log(f"restoring the Ray experiment {previous[-1]}")
-            tune.Tuner.restore(str(previous[-1]), trainable=trainable, resume_unfinished=True,
-                               resume_errored=False, restart_errored=False).fit()
+        previous = sorted(ray_dir.glob("search_*")) if ray_dir.is_dir() else []
         if resume:
-            _fail_orphans(study, started)
+            _fail_orphans(study, started, exp.max_retries, log)
         remaining = exp.budget.trials - counted(study)
         left = None if exp.budget.wall_time is None else exp.budget.wall_time - (time.monotonic() - started)
         if remaining > 0 and (left is None or left > 0):
@@ -214,7 +222,10 @@ def _connect(exp: Experiment, log: Callable[[str], Any]) -> None:
         _disconnect()
         raise ConfigError(_connect_advice(exp, exc), field="ray.address") from None
     cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
-    log(f"Ray cluster: {len(ray.nodes())} node(s), {cpus:g} CPUs, {gpus:g} GPUs")
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    dead = len(ray.nodes()) - len(alive)
+    log(f"Ray cluster: {len(alive)} node(s), {cpus:g} CPUs, {gpus:g} GPUs" + (f" ({dead} dead node(s) not counted)"
+                                                                              if dead else ""))
     if exp.ray.cpus_per_trial > cpus or exp.ray.gpus_per_trial > gpus:
         _disconnect()
         raise ConfigError(f"a trial needs {exp.ray.cpus_per_trial:g} CPU / {exp.ray.gpus_per_trial:g} GPU but the "
@@ -337,14 +348,24 @@ def _trial_name(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _fail_orphans(study: optuna.Study, since: float) -> None:
-    """Trials a killed driver had asked for but Ray never checkpointed stay RUNNING: mark them FAIL, without
-    ``error``, so they do not use up the budget (``counted``) and the report says the worker was lost."""
-    storage = study._storage
+def _fail_orphans(study: optuna.Study, since: float, max_retries: int, log: Callable[[str], Any]) -> None:
+    """Trials a killed driver left RUNNING: mark them FAIL, without ``error``, so they do not use up the budget
+    (``counted``), with ``lost`` saying why, and queue a retry of each arch (up to ``max_retries``), which the
+    next Tune run asks first."""
+    import copy
+
+    from .workers import RetryLostTrial
+
+    storage, retry = study._storage, RetryLostTrial(max_retry=max_retries)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.datetime_start is not None and t.datetime_start.timestamp() < time.time() - (time.monotonic() - since):
+            frozen = copy.deepcopy(t)
             storage.set_trial_user_attr(t._trial_id, "lost", "its Ray driver stopped before the trial finished")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            retried = len(frozen.system_attrs.get("retry_history", [])) < max_retries
+            retry(study, frozen)
+            log(f"trial {t.number} FAIL: its Ray driver stopped before it finished; "
+                + ("its arch is retried" if retried else f"not retried (max_retries {max_retries} used up)"))
 
 
 # ---- searcher and callback (driver side, pickled by Ray) --------------------------------------------------------
@@ -384,12 +405,11 @@ class _StudySearch(OptunaSearch):
             return  # _StudyCallback.on_trial_error records the reason, then FAIL
         ot_trial = self._ot_trials[trial_id]
         try:
+            for key in ("node", "host"):  # where the attempt that finished the trial ran
+                if result and result.get(f"nas_{key}"):
+                    ot_trial.set_user_attr(key, str(result[f"nas_{key}"]))
             if result and result.get("nas_final"):
-                constraints = json.loads(result["nas_constraints"])
-                ot_trial.set_user_attr("constraints", constraints)
-                for label, value in constraints.items():
-                    ot_trial.set_constraint(label, float(value))  # <= 0 is feasible, as in the local backend
-                ot_trial.set_user_attr("feasible", all(v <= 0 for v in constraints.values()))
+                record_constraints(ot_trial, json.loads(result["nas_constraints"]))  # as in the local backend
                 ot_trial.set_user_attr("seconds", float(result.get("nas_seconds", 0.0)))
                 if result.get("nas_duplicate_of") is not None:
                     ot_trial.set_user_attr("duplicate_of", int(result["nas_duplicate_of"]))
@@ -428,6 +448,24 @@ class _StudyCallback(Callback):
             pass
         driver["log"](f"trial {storage.get_trial_number_from_id(tid)} FAIL after "
                       f"{trial.run_metadata.num_failures} attempt(s): {reason}")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Ray restarts the trial after a failure (its node lost, its worker killed): record it in the study,
+        where Ray's own count (``num_failures``) would otherwise be the only trace."""
+        driver = _DRIVER.get(self.name)
+        if driver is None:
+            return
+        storage: RDBStorage = driver["storage"]
+        tid = trial.config["nas"]["optuna_trial_id"]
+        where = getattr(getattr(trial.temporary_state, "location", None), "hostname", None)
+        reason = _reason(trial) + (f" (on {where})" if where else "")
+        attrs = storage.get_trial(tid).user_attrs
+        try:
+            storage.set_trial_user_attr(tid, "restarts", int(attrs.get("restarts", 0)) + 1)
+            storage.set_trial_user_attr(tid, "restart_reasons", [*attrs.get("restart_reasons", []), reason[:300]])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return
+        driver["log"](f"trial {storage.get_trial_number_from_id(tid)} restarted by Ray after: {reason}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         driver = _DRIVER.get(self.name)
@@ -468,12 +506,21 @@ def _trainable(config: dict[str, Any], exp_data: dict[str, Any], allow_pickle: b
         dup = nas["duplicate"]
         tune.report({**dict(zip(names, dup["values"], strict=True)), "nas_final": True, "nas_seconds": 0.0,
                      "nas_constraints": json.dumps(dup["constraints"]), "nas_duplicate_of": dup["of"],
-                     "nas_step": _max_step(exp)})
+                     "nas_step": _max_step(exp), **_where()})
         return
     evaluator = _worker_evaluator(exp, allow_pickle)
     values, constraints, seconds = _evaluate(exp, evaluator, UNetArch.from_dict(nas["arch"]))
     tune.report({**values, "nas_final": True, "nas_seconds": seconds, "nas_constraints": json.dumps(constraints),
-                 "nas_step": _max_step(exp)})
+                 "nas_step": _max_step(exp), **_where()})
+
+
+def _where() -> dict[str, str]:
+    """The Ray node and the host this attempt runs on (recorded as the trial's ``node`` and ``host``)."""
+    import socket
+
+    import ray
+
+    return {"nas_node": ray.get_runtime_context().get_node_id(), "nas_host": socket.gethostname()}
 
 
 def _max_step(exp: Experiment) -> int:
@@ -505,7 +552,7 @@ def _evaluate(exp: Experiment, evaluator: Evaluator, arch: UNetArch) -> tuple[di
 
         def report(name: str, step: int, value: float) -> bool:
             if step < evaluator.proxy(name).steps:  # at the last step ASHA (max_t) would stop the trial early
-                tune.report({**cheap, name: float(value), "nas_step": step})
+                tune.report({**cheap, name: float(value), "nas_step": step, **_where()})
             return False  # ASHA stops the trial from the driver; the proxy never stops itself
 
     ev = evaluator(arch, report=report)
