@@ -524,3 +524,31 @@ def test_resuming_a_run_that_does_not_exist_writes_nothing(tmp_path, monkeypatch
     res = runner.invoke(app, ["search", str(path), "--resume"])
     assert res.exit_code == 2 and "nothing to resume" in res.output, res.output
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_reports_are_written_one_at_a_time_from_a_fresh_snapshot(tmp_path, monkeypatch):
+    """Two writers of one run folder (two workers stopping together): the one that waited for the lock reads the
+    study after the other's trial finished, so the last files written are never older than the study."""
+    import threading
+
+    from filelock import FileLock
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "exp.yaml"
+    path.write_text(CHEAP.replace("name: broken", "name: locked"))
+    assert runner.invoke(app, ["search", str(path)]).exit_code == 0
+    run = tmp_path / "runs" / "locked"
+    study = optuna.load_study(study_name="locked", storage=f"sqlite:///{run / 'study.db'}")
+    other = study.ask()  # another worker's trial, still running
+    results = []
+    with FileLock(run / ".report.lock"):  # the other worker is writing its report
+        writer = threading.Thread(target=lambda: results.append(runner.invoke(app, ["report", str(run)])))
+        writer.start()
+        writer.join(timeout=3)
+        assert writer.is_alive(), "the report was written while another writer held the run folder's lock"
+        other.set_user_attr("error", "RuntimeError: the other worker's trial failed")
+        study.tell(other, state=TrialState.FAIL)
+    writer.join(timeout=120)
+    assert results and results[0].exit_code == 0, results
+    summary = (run / "summary.md").read_text()
+    assert "- trials: 4 (complete 3, fail 1)" in summary and "running" not in summary, summary

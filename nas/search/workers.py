@@ -24,6 +24,7 @@ import hashlib
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -107,7 +108,9 @@ def fail_dead_trials(study: optuna.Study, log: Callable[[str], Any] | None = Non
             log(f"trial {t.number} FAIL: {reason}" + ("; its arch is retried" if retry is not None else ""))
         if retry is not None:
             retry(study, frozen)
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():  # experimental in Optuna since 2.9; what optimize() itself runs
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     left = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if t.user_attrs.get("worker") != identity()]
     if not left:
