@@ -7,14 +7,17 @@ machine. If Ray cannot start, the fixture fails with Ray's output: no silent ski
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -24,11 +27,12 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from nas.cli import app
-from tests.processes import stop_started_with
+from tests.processes import _processes, started_with, stop_started_with
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "search_spaces" / "spaces" / "digits.yaml"
 RAY = Path(sys.executable).with_name("ray")
+CLUSTER: dict[str, object] = {}  # the module cluster's environment for `ray start` (temp dir, token)
 
 
 def _free_port() -> int:
@@ -52,6 +56,7 @@ def cluster():
     env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
     port = _free_port()
     address = f"127.0.0.1:{port}"
+    CLUSTER["env"] = env
     head = _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
                 "--include-dashboard", "false", "--temp-dir", str(temp), "--disable-usage-stats", env=env)
     try:
@@ -114,8 +119,10 @@ def test_cli_search_on_two_nodes_writes_the_local_outputs_and_resumes(cluster, t
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
     for t in trials:  # what the local backend writes
         assert {"arch", "arch_summary", "constraints", "feasible", "seconds"} <= set(t.user_attrs)
-        assert t.system_attrs["constraints:params_le_400000"] == pytest.approx(t.values[0] - 400000)
+        assert t.system_attrs["constraints"] == [pytest.approx(t.values[0] - 400000)]  # where Optuna reads them
         assert t.user_attrs["feasible"] == (t.values[0] <= 400000)
+        assert t.user_attrs["host"] == socket.gethostname() and len(t.user_attrs["node"]) == 56  # a Ray node id
+        assert "restarts" not in t.user_attrs
     assert study.metric_names == ["params", "macs"]
     first = {t.number: t.values for t in trials}
 
@@ -211,6 +218,118 @@ def test_the_quickstart_runs_on_the_two_node_cluster(cluster, tmp_path):
     trials = _study(tmp_path, "quickstart_ray").get_trials()
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 4
     assert all(t.values[0] >= 0 for t in trials if t.state == TrialState.COMPLETE)  # held-out KD loss
+
+
+def _raylet_of(node_manager_port: int) -> int:
+    """The pid of the raylet started with ``--node-manager-port``."""
+    for pid, (_, cmd) in _processes().items():
+        if "raylet" in cmd.split(" ", 1)[0] and f"--node_manager_port={node_manager_port}" in cmd:
+            return pid
+    raise AssertionError(f"no raylet with node manager port {node_manager_port}")
+
+
+def _sqlite_trials(db: Path, name: str) -> list:
+    """The study's trials, or none before the driver has created it."""
+    try:
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{db}").get_trials()
+    except (KeyError, ValueError, RuntimeError):
+        return []
+
+
+def test_a_killed_node_and_a_killed_driver_show_in_the_study_and_lose_nothing(cluster, tmp_path):
+    """A third node joins, and its raylet is killed (-9) while it runs a trial: Ray restarts the trial elsewhere,
+    and the study and summary.md say so. Then the driver itself is killed (-9) mid-search and resumed: the
+    trials it left RUNNING are FAIL ``lost`` and retried with their archs, no COMPLETE trial is evaluated again,
+    nothing is left RUNNING, and the node count leaves the dead node out."""
+    nm_port = _free_port()
+    victim = _ray("start", "--address", cluster, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                  "--node-manager-port", str(nm_port), "--disable-usage-stats", env=CLUSTER["env"])
+    assert victim.returncode == 0, victim.stdout + victim.stderr
+    raylet = _raylet_of(nm_port)
+    exp = {"data": "digits", "budget": {"trials": 4, "wall_time": 900}, "max_retries": 2,
+           "objectives": [{"name": "quality", "kind": "quality", "proxy": "grad_norm"},
+                          {"name": "params", "kind": "params"}]}
+    path = _experiment(tmp_path, "faults", cluster, **exp)
+    data = yaml.safe_load(path.read_text())
+    data["ray"].update(max_concurrent=3, max_failures=2)
+    data["strategy"] = {"name": "random"}
+    path.write_text(yaml.safe_dump(data))
+    db = tmp_path / "runs" / "faults" / "study.db"
+    log = tmp_path / "driver.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with open(log, "wb") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "nas", "search", str(path)], env=env, cwd=tmp_path,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # a trial runs on the third node: kill that node
+            assert driver.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "no trial ran on the third node within 300 s"
+            on_victim = [p for p in started_with(f"--node_manager_port={nm_port}")
+                         if "ImplicitFunc" in _processes().get(p, (0, ""))[1]]
+            if on_victim and any(t.state == TrialState.RUNNING for t in _sqlite_trials(db, "faults")):
+                break
+            time.sleep(0.2)
+        os.kill(raylet, signal.SIGKILL)
+        while True:  # Ray restarts the trial on another node; then the driver is killed mid-search
+            assert driver.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"no restart, then a running trial, within 300 s:\n{log.read_text()}"
+            trials = _sqlite_trials(db, "faults")
+            if any(t.user_attrs.get("restarts") for t in trials) and \
+                    any(t.state == TrialState.COMPLETE for t in trials) and \
+                    any(t.state == TrialState.RUNNING and "arch" in t.user_attrs for t in trials):
+                break
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        for pid in started_with(f"--node_manager_port={nm_port}"):  # what is left of the third node
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert "Ray cluster: 3 node(s), 3 CPUs" in log.read_text()
+    before = {t.number: t for t in _study(tmp_path, "faults").get_trials()}
+    complete = {n for n, t in before.items() if t.state == TrialState.COMPLETE}
+    orphans = {n for n, t in before.items() if t.state == TrialState.RUNNING}
+    assert orphans, [t.state for t in before.values()]
+
+    out = _search(str(path), "--resume").output
+    assert "Ray cluster: 2 node(s), 2 CPUs, 0 GPUs (1 dead node(s) not counted)" in out
+    trials = {t.number: t for t in _study(tmp_path, "faults").get_trials()}
+    assert not [n for n, t in trials.items() if t.state == TrialState.RUNNING]
+    for n in complete:  # untouched
+        assert (trials[n].state, trials[n].values) == (TrialState.COMPLETE, before[n].values)
+    retried = {}
+    for t in trials.values():
+        if t.system_attrs.get("retry_history"):
+            retried[t.system_attrs["retry_history"][-1]] = t
+    for n in orphans:
+        assert trials[n].state == TrialState.FAIL and "error" not in trials[n].user_attrs
+        assert trials[n].user_attrs["lost"] == "its Ray driver stopped before the trial finished"
+        if "arch" in trials[n].user_attrs:  # it was evaluating: the same arch again
+            assert retried[n].state == TrialState.COMPLETE and retried[n].params == trials[n].params
+        else:  # killed while Optuna drew its parameters: nothing to retry
+            assert n not in retried
+    # the resumed driver's Ray trials evaluated no trial that was COMPLETE before
+    ray_dir = tmp_path / "runs" / "faults" / "ray"
+    configs = [json.loads(p.read_text()) for p in ray_dir.glob("search_001/*/params.json")]
+    assert configs and not {c["nas"]["optuna_trial_id"] for c in configs} & {before[n]._trial_id for n in complete}
+    # the killed node: the restarted trial says where it failed and where it ended
+    restarted = [t for t in trials.values() if t.user_attrs.get("restarts")]
+    assert restarted and all(t.state == TrialState.COMPLETE or t.number in orphans for t in restarted)
+    reasons = " ".join(r for t in restarted for r in t.user_attrs["restart_reasons"])
+    assert "Actor" in reasons and "unknown error" not in reasons, reasons  # Ray's ActorDied/ActorUnavailable
+    summary = (tmp_path / "runs" / "faults" / "summary.md").read_text()
+    assert "## Restarted trials" in summary
+    assert f"- trial {restarted[0].number}: restarted 1 time(s) by Ray after: Actor" in summary
+    for n in orphans:
+        assert (f"- trial {n}: lost: its Ray driver stopped before the trial finished; retried as trial "
+                f"{retried[n].number} (COMPLETE)" if n in retried else
+                f"- trial {n}: lost: its Ray driver stopped before the trial finished; not retried (it was lost "
+                "before it had chosen an arch)") in summary
+    assert "running" not in summary.split("## ", 1)[0] and "restarted by Ray: 1" in summary
 
 
 # ---- without the test cluster: the searcher pickles, a private Ray starts by itself, bad addresses are one line ----
@@ -323,3 +442,21 @@ def test_an_unreachable_ray_address_is_one_error_line_and_leaves_no_study(tmp_pa
     assert len(errors) == 1 and "ray.address: cannot reach Ray at 127.0.0.1:" in errors[0], out
     assert "Traceback" not in out
     assert not (tmp_path / "runs" / "nowhere" / "study.db").exists()
+
+
+def test_a_missing_token_is_named_in_the_one_error_line(cluster, tmp_path):
+    """The cluster asks for a token and this machine has none: Ray's reason (InvalidAuthToken), which Ray itself
+    only logs as warnings, is in the error line, with what to do."""
+    path = _experiment(tmp_path, "no_token", cluster, **CHEAP)
+    env = _clean_env(tmp_path)
+    try:
+        res = subprocess.run([sys.executable, "-m", "nas", "search", str(path)], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    finally:
+        stop_started_with(env["RAY_TMPDIR"])
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "InvalidAuthToken" in errors[0] and "RAY_AUTH_TOKEN" in errors[0], out
+    assert "Traceback" not in out and not (tmp_path / "runs" / "no_token" / "study.db").exists()

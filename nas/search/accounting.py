@@ -56,6 +56,8 @@ def failure_line(t: FrozenTrial, retried_by: dict[int, FrozenTrial]) -> str:
     retry = retried_by.get(t.number)
     if retry is not None:
         return f"{line}; retried as trial {retry.number} ({retry.state.name})"
+    if "arch" not in t.user_attrs:
+        return f"{line}; not retried (it was lost before it had chosen an arch)"
     return f"{line}; not retried (max_retries used up, or the search ended first)"
 
 

@@ -50,11 +50,12 @@ Known limits (also in docs/ray.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,7 @@ def _connect(exp: Experiment, log: Callable[[str], Any]) -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    said: list[str] = []
     try:
         if exp.ray.address is None:
             _private_token()
@@ -217,10 +219,12 @@ def _connect(exp: Experiment, log: Callable[[str], Any]) -> None:
         else:
             _probe(exp.ray.address)
             _reset_ray_auth_cache()  # a token given in the environment after Ray was imported must count
-            ray.init(address=exp.ray.address, configure_logging=False, log_to_driver=False)
+            with _native_stderr() as said:
+                ray.init(address=exp.ray.address, configure_logging=False, log_to_driver=False)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, AuthenticationError...
         _disconnect()
-        raise ConfigError(_connect_advice(exp, exc), field="ray.address") from None
+        raise ConfigError(_connect_advice(exp, exc, "\n".join(said) if exp.ray.address else ""),
+                          field="ray.address") from None
     cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
     alive = [n for n in ray.nodes() if n.get("Alive")]
     dead = len(ray.nodes()) - len(alive)
@@ -231,6 +235,33 @@ def _connect(exp: Experiment, log: Callable[[str], Any]) -> None:
         raise ConfigError(f"a trial needs {exp.ray.cpus_per_trial:g} CPU / {exp.ray.gpus_per_trial:g} GPU but the "
                           f"cluster has {cpus:g} / {gpus:g}", field="ray.cpus_per_trial"
                           if exp.ray.cpus_per_trial > cpus else "ray.gpus_per_trial")
+
+
+@contextlib.contextmanager
+def _native_stderr() -> Iterator[list[str]]:
+    """Collect what Ray's C++ core writes to file descriptor 2 meanwhile (the yielded list is filled on exit) and
+    pass it on when the block succeeds. Ray gives the reason of a refused connection (``InvalidAuthToken``) only
+    there, as warnings, while the exception says just "Failed to connect"."""
+    import sys
+    import tempfile
+
+    said: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        ok = False
+        try:
+            yield said
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace")
+            said.extend(text.splitlines())
+            if ok and text:
+                sys.stderr.write(text)
 
 
 def _probe(address: str, timeout: float = 10.0) -> None:
@@ -296,9 +327,9 @@ def _disconnect() -> None:
         _reset_ray_auth_cache()
 
 
-def _connect_advice(exp: Experiment, exc: BaseException) -> str:
-    """One line: what failed, Ray's reason (the authentication error it otherwise logs only as a warning), and
-    what to do."""
+def _connect_advice(exp: Experiment, exc: BaseException, native: str = "") -> str:
+    """One line: what failed, Ray's reason (the authentication error its C++ core logs only as a warning, found
+    in ``native``), and what to do."""
     from nas.redaction import scrub
 
     text = " ".join(str(exc).split())
@@ -306,10 +337,16 @@ def _connect_advice(exp: Experiment, exc: BaseException) -> str:
     if exp.ray.address is None:
         return (f"cannot start a private Ray on 127.0.0.1: {reason}; check that `ray start --head` works on this "
                 "machine and that RAY_TMPDIR is short and writable, or set ray.address to join a running cluster")
-    auth = any(k in text for k in ("uthentication", "InvalidAuthToken", "UNAUTHENTICATED", "token"))
+    refused = next((line for line in native.splitlines() if "InvalidAuthToken" in line or "Unauthenticated" in line),
+                   None)
+    if refused is not None:  # "... Unauthenticated: RPC error: InvalidAuthToken: Authentication token is missing"
+        start = refused.find("InvalidAuthToken")
+        reason = scrub(refused[start:] if start >= 0 else refused.split("] ", 1)[-1])[:200]
+    auth = refused is not None or any(k in text for k in ("uthentication", "InvalidAuthToken", "UNAUTHENTICATED",
+                                                          "token"))
     if auth:
-        what = ("the cluster asks for token authentication: give this machine the cluster's token (RAY_AUTH_MODE="
-                "token and RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+        what = ("the cluster refused this machine's token: give it the cluster's token (RAY_AUTH_MODE=token and "
+                "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, as on the head node)")
     else:
         what = ("check that the head node runs (`ray status --address ...` on it) and that this machine can reach "
                 "its port; if the cluster uses token authentication, set RAY_AUTH_MODE=token and its token")
@@ -362,10 +399,10 @@ def _fail_orphans(study: optuna.Study, since: float, max_retries: int, log: Call
             frozen = copy.deepcopy(t)
             storage.set_trial_user_attr(t._trial_id, "lost", "its Ray driver stopped before the trial finished")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            retried = len(frozen.system_attrs.get("retry_history", [])) < max_retries
+            retried = len(frozen.system_attrs.get("retry_history", [])) < max_retries and "arch" in frozen.user_attrs
             retry(study, frozen)
             log(f"trial {t.number} FAIL: its Ray driver stopped before it finished; "
-                + ("its arch is retried" if retried else f"not retried (max_retries {max_retries} used up)"))
+                + ("its arch is retried" if retried else "not retried (no arch chosen yet, or max_retries used up)"))
 
 
 # ---- searcher and callback (driver side, pickled by Ray) --------------------------------------------------------
@@ -478,18 +515,34 @@ class _StudyCallback(Callback):
 
 
 def _reason(trial: Any) -> str:
-    """The trial's exception as ``Type: message`` (Ray wraps it in RayTaskError)."""
-    try:
-        exc = trial.get_pickled_error()
-    except Exception:  # an unpicklable exception: fall back to the text file
-        exc = None
+    """The trial's exception as ``Type: message`` (Ray wraps it in RayTaskError). Ray writes it to the trial's
+    local folder first and copies it to the run's storage later: a restart is reported before that copy."""
     from nas.redaction import scrub
 
-    if exc is not None:
-        cause = getattr(exc, "cause", None) or exc
-        return scrub(f"{type(cause).__name__}: {cause}".strip())
-    text = (trial.get_error() or "unknown error").strip().splitlines()
-    return scrub(text[-1]) if text else "unknown error"
+    exc = None
+    for read in (trial.get_pickled_error, lambda: _local_error(trial, pickled=True)):
+        try:
+            exc = read()
+        except Exception:  # an unpicklable exception, or no such file: try the next place, then the text
+            exc = None
+        if exc is not None:
+            cause = getattr(exc, "cause", None) or exc
+            return scrub(" ".join(f"{type(cause).__name__}: {cause}".split()))
+    text = (trial.get_error() or _local_error(trial, pickled=False) or "unknown error").strip()
+    last = text.split("Failure # ")[-1].splitlines()[1:] or text.splitlines()  # the latest failure's lines
+    return scrub(" ".join(" ".join(last).split())[:300]) if last else "unknown error"
+
+
+def _local_error(trial: Any, pickled: bool) -> Any:
+    """The latest error as Ray wrote it in the trial's local folder (pickled, or as text), or None."""
+    import cloudpickle
+
+    name = trial.run_metadata.pickled_error_filename if pickled else trial.run_metadata.error_filename
+    local = getattr(trial, "local_path", None)
+    if not name or not local or not (Path(local) / name).is_file():
+        return None
+    data = (Path(local) / name).read_bytes()
+    return cloudpickle.loads(data) if pickled else data.decode(errors="replace")
 
 
 # ---- worker -----------------------------------------------------------------------------------------------------

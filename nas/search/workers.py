@@ -125,9 +125,17 @@ def fail_dead_trials(study: optuna.Study, log: Callable[[str], Any] | None = Non
 
 class RetryLostTrial(RetryHeartbeatStaleTrialCallback):
     """Optuna's retry of a lost trial (a WAITING copy with the same parameters), without what belonged to the
-    lost attempt: its worker, claim and loss reason would otherwise be copied into the retry."""
+    lost attempt: its worker, claim and loss reason would otherwise be copied into the retry. A trial lost
+    before its arch was chosen is not retried: the next trial draws a new arch anyway."""
+
+    def __init__(self, max_retry: int | None = None):
+        with warnings.catch_warnings():  # experimental in Optuna since 2.8; the retry every worker relies on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            super().__init__(max_retry=max_retry)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if "arch" not in trial.user_attrs:  # lost while its parameters were drawn: no arch to evaluate again
+            return
         clean = copy.deepcopy(trial)
         for key in ("worker", "lost", "duplicate_of", "waited_for", "node", "host", "restarts", "restart_reasons"):
             clean.user_attrs.pop(key, None)
