@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -131,7 +133,8 @@ def search(
         try:
             # the process that created the study is worker "0" (the experiment's own seed); one that joins or
             # resumes seeds from its host and pid
-            run_worker(exp, evaluator, storage_url, resume=True, on_trial=on_trial, worker=None if resume else "0",
+            run_worker(exp, evaluator, storage_url, resume=True, on_trial=on_trial,
+                       worker=f"{socket.gethostname()}:{os.getpid()}" if resume else "0",
                        log=lambda line: progress.console.print(scrub(line), style="dim"))
         except KeyboardInterrupt:
             interrupted = True

@@ -238,7 +238,8 @@ def _kinds_line(kinds: dict[str, Any]) -> str:
     return (f"- evaluated: {kinds['evaluated']} trials, {kinds['distinct_archs']} distinct archs; duplicates (an "
             f"earlier result reused, nothing evaluated): {kinds['duplicates']}; failed by their own error: "
             f"{kinds['errors']}; lost (worker, node or driver died): {kinds['lost']} (retried {kinds['retried']}, "
-            f"not retried {kinds['not_retried']}); restarted by Ray: {kinds['restarted']}")
+            f"not retried {kinds['not_retried']}); restarted by Ray: {kinds['restarted']}"
+            + (f"; drawn again (Ray; the arch was being evaluated): {kinds['redrawn']}" if kinds["redrawn"] else ""))
 
 
 def _trouble_md(trials: list[FrozenTrial]) -> list[str]:

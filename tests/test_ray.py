@@ -381,6 +381,37 @@ def test_the_searcher_ray_pickles_survives_a_round_trip_with_every_strategy(tmp_
         lock.release()
 
 
+def test_an_arch_a_running_trial_evaluates_is_drawn_again_not_evaluated_twice(tmp_path):
+    """Under Ray every trial is asked by the driver: an arch that a RUNNING trial is evaluating is not handed to a
+    second worker. The searcher drops that Optuna trial (FAIL, ``redrawn``, not counted) and draws again."""
+    from nas.experiment import load_experiment
+    from nas.search.accounting import failure_line
+    from nas.search.optuna_backend import counted, make_sampler
+    from nas.search.ray_backend import _DefineByRun, _storage, _StudySearch
+    from search_spaces.space import SearchSpace
+
+    path = _experiment(tmp_path, "redraw", "127.0.0.1:1", **CHEAP)
+    data = yaml.safe_load(path.read_text())
+    data["strategy"] = {"name": "random"}
+    path.write_text(yaml.safe_dump(data))
+    exp = load_experiment(path)
+    storage = _storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(study_name=exp.name, storage=storage, directions=["minimize", "minimize"])
+    searcher = _StudySearch(_DefineByRun(SearchSpace.from_yaml(SPACE)), metric=["params", "macs"],
+                            mode=["min", "min"], sampler=make_sampler(exp), study_name=exp.name, storage=storage,
+                            nas_name=exp.name, nas_objectives=["params", "macs"])
+    first = searcher.suggest("t0")["nas"]  # running on some worker
+    study.enqueue_trial(study.trials[0].params)  # the same arch comes up again, as a sampler may draw it
+    second = searcher.suggest("t1")["nas"]
+    assert second["arch"] != first["arch"] and second["running_twin"] is None
+    trials = study.get_trials()
+    dropped = [t for t in trials if "redrawn" in t.user_attrs]
+    assert len(dropped) == 1 and dropped[0].state == TrialState.FAIL
+    assert dropped[0].params == trials[0].params and dropped[0].user_attrs["redrawn"] == \
+        "trial 0 was evaluating the same arch"
+    assert counted(study) == 0 and "drawn again" in failure_line(dropped[0], {})
+
+
 def test_a_sampler_that_cannot_pickle_is_one_strategy_error():
     import threading
 

@@ -9,6 +9,8 @@ Both backends write the same attributes, so the report reads them the same way:
   known (a heartbeat-stale trial failed by Optuna has no reason of its own). A lost trial is *retried* when a
   later trial names it in Optuna's ``retry_history``; it is otherwise *not retried* (``max_retries`` used up,
   or the search ended first);
+* FAIL with ``redrawn`` (Ray): dropped before it ran, because a running trial was evaluating the same arch; a
+  new arch was drawn instead (not counted against the budget, not retried);
 * ``restarts`` (Ray): how many times Ray restarted the trial after a failure (a node lost, a worker killed)
   before it ended; ``restart_reasons`` says what Ray reported each time, ``node``/``host`` where it ended.
 """
@@ -35,7 +37,8 @@ def retries(trials: list[FrozenTrial]) -> dict[int, FrozenTrial]:
 def account(trials: list[FrozenTrial]) -> dict[str, Any]:
     """Counts of the report's trial kinds (see the module docstring)."""
     retried_by = retries(trials)
-    lost = [t for t in trials if t.state == TrialState.FAIL and "error" not in t.user_attrs]
+    lost = [t for t in trials if t.state == TrialState.FAIL and "error" not in t.user_attrs
+            and "redrawn" not in t.user_attrs]
     evaluated = [t for t in trials if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
     archs = {repr(sorted(t.params.items())) for t in evaluated}
     return {
@@ -45,6 +48,7 @@ def account(trials: list[FrozenTrial]) -> dict[str, Any]:
         "lost": len(lost), "retried": sum(t.number in retried_by for t in lost),
         "not_retried": sum(t.number not in retried_by for t in lost),
         "restarted": sum(int(t.user_attrs.get("restarts", 0)) > 0 for t in trials),
+        "redrawn": sum(t.state == TrialState.FAIL and "redrawn" in t.user_attrs for t in trials),
     }
 
 
@@ -52,6 +56,8 @@ def failure_line(t: FrozenTrial, retried_by: dict[int, FrozenTrial]) -> str:
     """One truthful line about a FAIL trial: its error, or why it was lost and whether it was retried."""
     if "error" in t.user_attrs:
         return str(t.user_attrs["error"])
+    if "redrawn" in t.user_attrs:
+        return f"not evaluated, drawn again: {t.user_attrs['redrawn']} (Ray)"
     line = f"lost: {t.user_attrs.get('lost', HEARTBEAT_LOST)}"
     retry = retried_by.get(t.number)
     if retry is not None:

@@ -268,11 +268,14 @@ def run_worker(exp: Experiment, evaluator: Evaluator, storage_url: str, resume: 
     """Run trials until the budget (all workers together) or the wall time is used up.
 
     ``worker`` names this worker for its sampler seed (:func:`.workers.worker_seed`): ``"0"`` for the one that
-    created the study, an index for the local ``--workers`` processes, default ``host:pid``. Before the first
+    created the study (the default without ``resume``), an index for the local ``--workers`` processes, else
+    ``host:pid`` (the default with ``resume``). Before the first
     trial the RUNNING trials of provably dead workers are failed and retried; ``log`` receives one line about
     each, and one about the RUNNING trials left to their (maybe live) workers."""
     storage = make_storage(storage_url, exp)
-    seed = worker_seed(exp.seed, worker if worker is not None else f"{socket.gethostname()}:{os.getpid()}")
+    if worker is None:  # the worker that creates the study keeps the experiment's seed; one that joins, its own
+        worker = f"{socket.gethostname()}:{os.getpid()}" if resume else "0"
+    seed = worker_seed(exp.seed, worker)
     study = open_study(exp, storage, resume, seed)
     left = fail_dead_trials(study, log)
     if left is not None and log is not None:

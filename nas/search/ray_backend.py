@@ -84,6 +84,7 @@ from .optuna_backend import (
 from .picklable import check_picklable
 from .tested import untested
 
+REDRAWS = 20  # draws of a trial whose arch a running trial is evaluating, before it is evaluated again
 # Driver-side objects (evaluator, storage, log) per experiment name. Ray pickles the searcher and callbacks
 # into its experiment state for Tuner.restore, so they look these up by name instead of holding them.
 _DRIVER: dict[str, dict[str, Any]] = {}
@@ -419,11 +420,18 @@ class _DefineByRun:
         arch = suggest_arch(self.space, trial)
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("arch_summary", str(arch).split("(", 1)[1].rstrip(")"))
-        nas: dict[str, Any] = {"arch": arch.to_dict(), "optuna_trial_id": trial._trial_id, "duplicate": None}
+        nas: dict[str, Any] = {"arch": arch.to_dict(), "optuna_trial_id": trial._trial_id, "duplicate": None,
+                               "running_twin": None}
         previous = _same_arch(trial.ot_trial)
         if previous is not None:
             nas["duplicate"] = {"of": previous.number, "values": list(previous.values),
                                 "constraints": previous.user_attrs.get("constraints", {})}
+        else:  # all trials are asked here, one at a time: a RUNNING one with this arch is being evaluated
+            me = trial.ot_trial
+            nas["running_twin"] = next((t.number for t in me.study.get_trials(deepcopy=False,
+                                                                              states=(TrialState.RUNNING,))
+                                        if t._trial_id != me._trial_id and "arch" in t.user_attrs
+                                        and t.params == me.params), None)
         return {"nas": nas}
 
 
@@ -433,6 +441,20 @@ class _StudySearch(OptunaSearch):
     def __init__(self, *args: Any, nas_name: str, nas_objectives: list[str], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.nas_name, self.nas_objectives = nas_name, nas_objectives
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """Draw again while the arch is one a running trial is evaluating: Ray's loop cannot wait here, and an
+        Optuna trial cannot change its parameters. The dropped Optuna trial is FAIL with ``redrawn`` (not
+        counted against the budget, not retried). After ``REDRAWS`` tries the arch is evaluated again."""
+        for _ in range(REDRAWS):
+            config = super().suggest(trial_id)
+            twin_number = config["nas"].get("running_twin") if isinstance(config, dict) and "nas" in config else None
+            if twin_number is None:
+                return config
+            dropped = self._ot_trials.pop(trial_id)
+            dropped.set_user_attr("redrawn", f"trial {twin_number} was evaluating the same arch")
+            self._ot_study.tell(dropped, state=TrialState.FAIL)
+        return super().suggest(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
