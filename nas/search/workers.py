@@ -105,7 +105,8 @@ def fail_dead_trials(study: optuna.Study, log: Callable[[str], Any] | None = Non
         except optuna.exceptions.UpdateFinishedTrialError:  # its worker finished it meanwhile, or another did
             continue
         if log is not None:
-            log(f"trial {t.number} FAIL: {reason}" + ("; its arch is retried" if retry is not None else ""))
+            again = isinstance(retry, RetryLostTrial) and retry.will_retry(frozen)
+            log(f"trial {t.number} FAIL: {reason}; " + ("its arch is retried" if again else "not retried"))
         if retry is not None:
             retry(study, frozen)
     with warnings.catch_warnings():  # experimental in Optuna since 2.9; what optimize() itself runs
@@ -132,6 +133,11 @@ class RetryLostTrial(RetryHeartbeatStaleTrialCallback):
         with warnings.catch_warnings():  # experimental in Optuna since 2.8; the retry every worker relies on
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             super().__init__(max_retry=max_retry)
+
+    def will_retry(self, trial: FrozenTrial) -> bool:
+        """Whether :meth:`__call__` queues a retry of ``trial`` (it has an arch, and retries are left)."""
+        history = trial.system_attrs.get("retry_history", [])
+        return "arch" in trial.user_attrs and (self._max_retry is None or len(history) < self._max_retry)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if "arch" not in trial.user_attrs:  # lost while its parameters were drawn: no arch to evaluate again
