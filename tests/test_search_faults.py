@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -552,3 +553,58 @@ def test_reports_are_written_one_at_a_time_from_a_fresh_snapshot(tmp_path, monke
     assert results and results[0].exit_code == 0, results
     summary = (run / "summary.md").read_text()
     assert "- trials: 4 (complete 3, fail 1)" in summary and "running" not in summary, summary
+
+
+def test_resume_fails_provably_dead_trials_at_once_and_names_the_ones_it_leaves(tmp_path, monkeypatch):
+    """What ``--resume`` (any worker's start) does with RUNNING trials, without waiting for heartbeat_grace: the
+    trial of a process of this host that is gone, or whose pid now belongs to another process, is failed and
+    retried; a live process's trial and another host's are left alone, named in one line."""
+    from nas.experiment import load_experiment
+    from nas.search.optuna_backend import make_storage
+    from nas.search.workers import STARTED_KEY, fail_dead_trials
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "exp.yaml"
+    path.write_text(CHEAP.replace("name: broken", "name: dead").replace("budget:", "heartbeat_grace: 600\nbudget:"))
+    exp = load_experiment(path)
+    exp.run_dir.mkdir(parents=True)
+    with warnings.catch_warnings():  # trials asked by hand, not by optimize(), on a storage with heartbeats
+        warnings.simplefilter("ignore", UserWarning)
+        study = optuna.create_study(study_name="dead", storage=make_storage(exp.storage_url(), exp),
+                                    directions=["minimize", "minimize"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    parent = psutil_process(os.getppid())
+    host = socket.gethostname()
+    workers = {"gone": (f"{host}:{gone.pid}", 0.0), "reused": (f"{host}:{parent.pid}", parent.create_time() - 60),
+               "alive": (f"{host}:{parent.pid}", parent.create_time()), "elsewhere": ("another-host:1", 0.0)}
+    numbers = {}
+    for label, (worker, started) in workers.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
+        trial.suggest_categorical("x", list(workers))
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("arch", {"label": label})
+        study._storage.set_trial_system_attr(trial._trial_id, STARTED_KEY, started)
+        numbers[label] = trial.number
+    lines: list[str] = []
+    left = fail_dead_trials(study, lines.append)
+    trials = {t.number: t for t in study.get_trials()}
+    for label in ("gone", "reused"):
+        t = trials[numbers[label]]
+        assert t.state == TrialState.FAIL and "no longer runs" in t.user_attrs["lost"], label
+        assert any(f"trial {t.number} FAIL: its worker" in line and "its arch is retried" in line for line in lines)
+        retry = [r for r in trials.values() if r.system_attrs.get("failed_trial") == t.number]
+        assert len(retry) == 1 and retry[0].state == TrialState.WAITING and "worker" not in retry[0].user_attrs
+    assert "pid" in trials[numbers["reused"]].user_attrs["lost"]  # the pid belongs to another process now
+    for label in ("alive", "elsewhere"):
+        assert trials[numbers[label]].state == TrialState.RUNNING
+    assert left is not None and left.startswith("left 2 RUNNING trial(s) alone: ") and "\n" not in left
+    assert f"{numbers['alive']} ({host}:{parent.pid}, alive)" in left and "another-host:1" in left
+
+
+def psutil_process(pid: int):
+    import psutil
+
+    return psutil.Process(pid)
