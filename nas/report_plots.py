@@ -64,14 +64,15 @@ def pareto_figure(names: list[str], complete: list[FrozenTrial], front: list[Fro
         values = [t.values[c_i] for t in complete]
         colour = {"cmap": "viridis", "vmin": min(values), "vmax": max(values)}
     scatter = None
-    for group, marker, label in (([t for t in others if t.number in ok], "o", "feasible trials"),
-                                 ([t for t in others if t.number not in ok], "x", "infeasible trials")):
-        if not group:
-            continue
-        kw = ({"c": [t.values[c_i] for t in group], **colour} if c_i is not None
-              else {"c": "darkgray" if marker == "o" else "tab:red"})
-        scatter = ax.scatter([t.values[x_i] for t in group], [t.values[y_i] for t in group], s=22 if marker == "o"
-                             else 30, marker=marker, label=label, alpha=0.8, **kw)
+    feasible_others = [t for t in others if t.number in ok]
+    if feasible_others:
+        kw = {"c": [t.values[c_i] for t in feasible_others], **colour} if c_i is not None else {"c": "darkgray"}
+        scatter = ax.scatter([t.values[x_i] for t in feasible_others], [t.values[y_i] for t in feasible_others],
+                             s=22, marker="o", label="feasible trials", alpha=0.8, **kw)
+    infeasible = [t for t in others if t.number not in ok]
+    if infeasible:  # red crosses: breaking a constraint matters more than where on the colour scale they sit
+        ax.scatter([t.values[x_i] for t in infeasible], [t.values[y_i] for t in infeasible], s=30, marker="x",
+                   c="tab:red", label="infeasible trials (break a constraint)", alpha=0.8)
     if front:
         ax.plot([t.values[x_i] for t in front], [t.values[y_i] for t in front], "-", c="tab:blue", lw=1.2, zorder=2)
         kw = {"c": [t.values[c_i] for t in front], **colour} if c_i is not None else {"c": "tab:blue"}
@@ -85,11 +86,11 @@ def pareto_figure(names: list[str], complete: list[FrozenTrial], front: list[Fro
                 bar.ax.axhline(bound, c="tab:red", lw=2)
     for label, (objective, bound) in bounds.items():
         if objective == names[x_i] and x_i != y_i:
-            ax.axvline(bound, ls="--", c="tab:red", lw=1, label=f"{label}: {objective} <= {bound:.4g}")
+            ax.axvline(bound, ls="--", c="tab:red", lw=1, label=f"{label}: {objective} <= {bound:.6g}")
         elif objective == names[y_i]:
-            ax.axhline(bound, ls="--", c="tab:red", lw=1, label=f"{label}: {objective} <= {bound:.4g}")
+            ax.axhline(bound, ls="--", c="tab:red", lw=1, label=f"{label}: {objective} <= {bound:.6g}")
         elif c_i is not None and objective == names[c_i]:
-            ax.plot([], [], c="tab:red", lw=2, label=f"{label}: {objective} <= {bound:.4g} (red on the colour bar)")
+            ax.plot([], [], c="tab:red", lw=2, label=f"{label}: {objective} <= {bound:.6g} (red on the colour bar)")
     for name, vals in references.items():
         if names[x_i] in vals:
             x = vals[names[x_i]]
@@ -102,9 +103,12 @@ def pareto_figure(names: list[str], complete: list[FrozenTrial], front: list[Fro
                             va="top", ha="right")
     ax.set_xlabel(f"{names[x_i]} ({BETTER})")
     ax.set_ylabel(f"{names[y_i]} ({BETTER})")
-    ax.annotate("better", xy=(0.03, 0.03), xytext=(0.16, 0.16), xycoords="axes fraction", fontsize=8,
-                arrowprops={"arrowstyle": "->", "color": "gray"}, color="gray")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.25 if c_i is not None else 1.01, 1), borderaxespad=0)
+    legend = ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.25 if c_i is not None else 1.01, 1),
+                       borderaxespad=0)
+    for handle, text in zip(legend.legend_handles, legend.get_texts(), strict=True):
+        if c_i is not None and text.get_text() in ("feasible trials", "Pareto front"):
+            handle.set_array(None)
+            handle.set_facecolor("lightgray")  # the colour of a point is its third objective, not its kind
     ax.set_title(f"{len(front)} Pareto-optimal of {len(feasible)} feasible, {len(complete)} completed trials",
                  fontsize=10)
     return fig
@@ -129,7 +133,7 @@ def _pareto_html(names: list[str], complete: list[FrozenTrial], front: list[Froz
                  + "<br>".join(f"{n} {v:.6g}" for n, v in zip(names, t.values, strict=True))
                  + f"<br>{t.user_attrs.get('arch_summary', '')}" for t in group]
         marker: dict[str, Any] = {"symbol": symbol, "size": 11 if label == "Pareto front" else 8}
-        if c_i is not None:
+        if c_i is not None and symbol != "x":
             marker.update(color=[t.values[c_i] for t in group], colorscale="Viridis",
                           cmin=min(t.values[c_i] for t in complete), cmax=max(t.values[c_i] for t in complete),
                           showscale=label == "Pareto front" or not front,
@@ -140,7 +144,7 @@ def _pareto_html(names: list[str], complete: list[FrozenTrial], front: list[Froz
                                  mode="lines+markers" if label == "Pareto front" else "markers", name=label,
                                  text=hover, hoverinfo="text", marker=marker))
     for label, (objective, bound) in bounds.items():
-        text = f"{label}: {objective} <= {bound:.4g}"
+        text = f"{label}: {objective} <= {bound:.6g}"
         if objective == names[x_i] and x_i != y_i:
             fig.add_vline(x=bound, line_dash="dash", line_color="red", annotation_text=text)
         elif objective == names[y_i]:
