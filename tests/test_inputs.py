@@ -140,7 +140,7 @@ def test_importing_the_cli_loads_no_heavy_library():
     """What `unet-nas --help` and argument errors pay for: none of torch, diffusers, optuna, Ray, transformers,
     matplotlib or plotly may be imported by `import nas.cli` (its subcommand modules included)."""
     heavy = ["torch", "diffusers", "optuna", "ray", "transformers", "matplotlib", "plotly", "accelerate"]
-    code = ("import sys, nas.cli; print(' '.join(m for m in %r if m in sys.modules))" % heavy)
+    code = f"import sys, nas.cli; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert res.stdout.strip() == ""
 
