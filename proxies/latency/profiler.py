@@ -169,11 +169,9 @@ def run_profile(space: Any, settings: Settings, out: str | os.PathLike, *, proto
 
 
 def _better(old: Timing, new: Timing) -> Timing:
-    """Of two timings of the same thing, the one taken with less interference: the lower statistic (other work
-    only ever adds time), unless it is the noisier one by far."""
-    if new.ms <= old.ms or old.spread_pct > 2 * new.spread_pct + 5:
-        return new
-    return old
+    """Of two timings of the same thing, the one taken with less interference: the lower (other work on the
+    machine only ever adds time)."""
+    return new if new.ms <= old.ms else old
 
 
 def _remeasure_noisy(profile: LatencyProfile, wanted: dict[str, tuple[UNetArch, BlockSpec]], settings: Settings,
