@@ -21,8 +21,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from nas.redaction import scrub
-from proxies.cost import arch_costs, constraint_filter
-from search_spaces import ConfigError, list_archs, load_arch
+from search_spaces.errors import ConfigError
 
 if TYPE_CHECKING:
     from search_spaces import UNetArch
@@ -84,9 +83,11 @@ class Group(_Tidy, TyperGroup):
 
 
 class Typer(typer.Typer):
-    """typer.Typer whose groups and commands are the classes above."""
+    """typer.Typer whose groups and commands are the classes above, with click's plain help: rendering help
+    through rich (panels, markdown) doubles the CPU time of ``unet-nas --help``."""
 
     def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("rich_markup_mode", None)
         super().__init__(cls=Group, **kwargs)
 
     def command(self, *args: Any, **kwargs: Any) -> Any:
@@ -158,6 +159,13 @@ def progress_bar(field: str = "label", *, stderr: bool = False, transient: bool 
                     console=Console(stderr=True) if stderr else console._console_or_new(), transient=transient)
 
 
+def load_arch(ref: str) -> UNetArch:
+    """:func:`search_spaces.load_arch` (every form of arch the project writes), imported when a command runs."""
+    from search_spaces.registry import load_arch as load
+
+    return load(ref)
+
+
 def table(*columns: str, **kwargs: Any) -> Any:
     """A rich Table (imported when a command prints one)."""
     from rich.table import Table
@@ -199,7 +207,8 @@ AllowPickle = Annotated[bool, typer.Option(
 @user_errors
 def arch_list(as_json: JsonFlag = False) -> None:
     """The shipped reference architectures with their parameter counts."""
-    from search_spaces import get_arch
+    from proxies.cost import arch_costs
+    from search_spaces import get_arch, list_archs
 
     rows = [{"name": n, "params": arch_costs(get_arch(n)).params, "arch": str(get_arch(n))} for n in list_archs()]
     if as_json:
@@ -221,6 +230,8 @@ def arch_describe(
     as_json: JsonFlag = False,
 ) -> None:
     """Params, MACs and a per-stage table of one architecture (closed form: no model is built)."""
+    from proxies.cost import arch_costs
+
     arch = load_arch(ref)
     cost = arch_costs(arch, batch=batch, resolution=resolution, text_len=text_len)
     stages = _stage_rows(arch, cost)
@@ -319,6 +330,7 @@ def space_sample(
 ) -> None:
     """Random architectures from a space, honouring its cost constraints. With --json, a list of arch dicts:
     save one to a file and arch describe (or any later command) takes it."""
+    from proxies.cost import arch_costs, constraint_filter
     from search_spaces.space import SearchSpace
 
     space = SearchSpace.from_yaml(file)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from nas.cli import AllowPickle, JsonFlag, Typer, app, console, emit_json, table, user_errors
-from search_spaces import ConfigError
+from search_spaces.errors import ConfigError
 
 data_app = Typer(help="Precompute and inspect cached VAE latents and text embeddings.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from nas.cli import SPACE_HELP, Typer, app, console, emit_json, progress_bar, table, user_errors
-from search_spaces import ConfigError, load_arch
+from nas.cli import SPACE_HELP, Typer, app, console, emit_json, load_arch, progress_bar, table, user_errors
+from search_spaces.errors import ConfigError
 
 profile_app = Typer(help="Measure a latency profile of a device (every block of a space + calibration "
                                "networks).", invoke_without_command=True)

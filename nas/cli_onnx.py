@@ -14,9 +14,9 @@ from typing import Annotated, Any
 
 import typer
 
-from nas.cli import SPACE_HELP, app, console, emit_json, progress_bar, user_errors
+from nas.cli import SPACE_HELP, app, console, emit_json, load_arch, progress_bar, user_errors
 from nas.cli_latency import Batch, Resolution, TextLen, profile_app
-from search_spaces import ConfigError, load_arch
+from search_spaces.errors import ConfigError
 
 Exporter = Annotated[str, typer.Option(help="torchscript (default: fast, reliable on static shapes) or dynamo.")]
 Opset = Annotated[int, typer.Option(help="ONNX opset (the dynamo exporter uses at least 18).")]

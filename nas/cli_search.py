@@ -9,8 +9,7 @@ import typer
 
 from nas.cli import AllowPickle, app, console, fail, progress_bar, user_errors
 from nas.redaction import install_log_filter, redact, remember, scrub
-from search_spaces import ConfigError
-from search_spaces.yamlio import atomic_write, dump_yaml, read_file
+from search_spaces.errors import ConfigError
 
 if TYPE_CHECKING:
     from nas.experiment import Experiment
@@ -43,6 +42,8 @@ def _log(message: str) -> None:
 
 def _in_file(exc: ConfigError, file: Path) -> ConfigError:
     """A problem found after loading (storage, space, reference archs), located in the file like a schema error."""
+    from search_spaces.yamlio import read_file
+
     return exc if exc.source else exc.located(str(file), read_file(file)[1])
 
 
@@ -100,6 +101,8 @@ def search(
     saved["base_dir"] = str(Path(exp.base_dir).resolve())  # so `unet-nas report` finds the same relative files
     if isinstance(saved.get("storage"), str):
         saved["storage"] = redact(saved["storage"])
+    from search_spaces.yamlio import atomic_write, dump_yaml
+
     atomic_write(exp.run_dir / "experiment.yaml", dump_yaml(saved))
     try:
         evaluator.prepare()  # may train a teacher or measure a profile: minutes, so Ctrl-C must be clean here too

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from nas.cli import AllowPickle, app, console, quiet_dependency_warnings, user_errors
-from search_spaces import ConfigError, load_arch
+from nas.cli import AllowPickle, app, console, load_arch, quiet_dependency_warnings, user_errors
+from search_spaces.errors import ConfigError
 
 
 @app.command("export")
