@@ -153,10 +153,13 @@ def progress_bar(field: str = "label", *, stderr: bool = False, transient: bool 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Column
 
+    # the text column is the flexible one (ratio=1 in an expanded table): it gets the width the fixed columns
+    # leave, and ends in an ellipsis; without it rich squeezes every column, the elapsed time included
     return Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn(f"{{task.fields[{field}]}}",
-                                                    table_column=Column(no_wrap=True, overflow="ellipsis")),
-                    console=Console(stderr=True) if stderr else console._console_or_new(), transient=transient)
+                    TimeElapsedColumn(), TextColumn(f"{{task.fields[{field}]}}", table_column=Column(
+                        no_wrap=True, overflow="ellipsis", ratio=1)),
+                    console=Console(stderr=True) if stderr else console._console_or_new(), transient=transient,
+                    expand=True)
 
 
 def load_arch(ref: str) -> UNetArch:

@@ -170,3 +170,21 @@ def test_help_is_plain_text():
             assert bad not in res.output, (path, bad, res.output)
     assert "--stop-after" in runner.invoke(app, ["train", "--help"], terminal_width=200).output
     assert "Usage: unet-nas search [OPTIONS] FILE" in runner.invoke(app, ["search", "--help"]).output
+
+
+def test_progress_bars_keep_the_elapsed_time_at_80_columns():
+    """The search's bar with a long status line: at 80 columns the status is shortened, the elapsed time is not."""
+    import io
+
+    from rich.console import Console
+
+    from nas.cli import progress_bar
+
+    bar = progress_bar("status")
+    task = bar.add_task("search quickstart", total=20, completed=7,
+                        status="failed 0  feasible 5  best quality 0.01234 " + "x" * 60)
+    console = Console(file=io.StringIO(), width=80)
+    console.print(bar.make_tasks_table([bar.tasks[task]]))
+    line = console.file.getvalue().rstrip("\n")
+    assert len(line) <= 80 and "search quickstart" in line and "7/20" in line and "0:00:0" in line
+    assert line.rstrip().endswith("…")
