@@ -83,6 +83,7 @@ def search(
         exp.run_dir.mkdir(parents=True, exist_ok=True)
         study = run_ray(exp, file, storage_url, resume, log=_log, allow_pickle=allow_pickle)
         _finish(exp, study, storage_url, evaluator.prepare())
+        _warn_untrusted(exp)  # the profile was measured by a Ray worker: say it here too
         return
 
     from nas.search.optuna_backend import counted, make_storage, open_study, run_worker
