@@ -213,7 +213,7 @@ def breakdown_figure(archs: dict[str, UNetArch], breakdowns: Any) -> Any:
                color=colours[part], alpha=0.35 if part == OVERHEAD else 1.0, edgecolor="black" if part == OVERHEAD
                else None, hatch="//" if part == OVERHEAD else None, linewidth=0.6)
     totals = [sum(rows[b].values()) for b in bars]
-    ax.scatter(bars, totals, marker="_", s=900, c="red", linewidths=2, zorder=5, label="total (prediction)")
+    ax.scatter(bars, totals, marker="_", s=900, c="black", linewidths=2.5, zorder=5, label="total (prediction)")
     if any(s.height < 0 for s in segments):
         ax.axhline(0, c="black", lw=0.8)
     shares = []
@@ -231,9 +231,9 @@ def breakdown_figure(archs: dict[str, UNetArch], breakdowns: Any) -> Any:
         title += (f"\nthe fitted overhead is {100 * min(shares):.0f}-{100 * max(shares):.0f}% of the total: the "
                   "block sums explain little (see the profile's fit)")
     elif any(s < 0 for s in shares):
-        title += "\n(a negative fitted overhead is drawn below zero; red: each arch's total)"
+        title += "\n(a negative fitted overhead is drawn below zero; black line: each arch's total)"
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, markerscale=0.35)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     return fig
 
