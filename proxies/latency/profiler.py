@@ -149,7 +149,7 @@ def run_profile(space: Any, settings: Settings, out: str | os.PathLike, *, proto
     redone_networks = 0
     if remeasure and profile.correction.n >= 3 and profile.correction.fit_mape_pct > FIT_LIMIT_PCT:
         # blocks and networks were timed at different moments, so under a changing load they disagree: time the
-        # whole networks again (interleaved) and keep each one's faster, steadier run
+        # whole networks again (interleaved) and keep each one's faster run
         archs = [c.arch for c in profile.calibration]
         if progress:
             progress("re-measure networks", 0, len(archs), "calibration fit error "
