@@ -203,7 +203,7 @@ class Trainer:
             return _located(lambda: load_unet(self.recipe.path(spec.pretrained), subfolder=spec.subfolder,
                                                  allow_pickle=self.allow_pickle), "model.pretrained")
         ref = self.recipe.path(spec.arch)
-        arch = _located(lambda: load_arch(ref if ref.is_file() else spec.arch), "model.arch")
+        arch = _located(lambda: load_arch(ref if ref.exists() else spec.arch), "model.arch")  # a file or folder
         set_seed(self.recipe.seed)
         return FlexibleUNet2DConditionModel.from_arch(arch)
 
