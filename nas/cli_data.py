@@ -8,13 +8,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from nas.cli import AllowPickle, JsonFlag, app, console, emit_json, user_errors
-from proxies.data import LatentCache, digits_cache, precompute
-from search_spaces import ConfigError
+from nas.cli import AllowPickle, JsonFlag, Typer, app, console, emit_json, table, user_errors
+from search_spaces.errors import ConfigError
 
-data_app = typer.Typer(help="Precompute and inspect cached VAE latents and text embeddings.", no_args_is_help=True)
+data_app = Typer(help="Precompute and inspect cached VAE latents and text embeddings.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -53,6 +51,8 @@ def data_precompute(
         _precompute_shards(source, vae, text_encoder, out, resolution, batch_size, device, shard_records, text,
                            val_units, allow_pickle)
         return
+    from proxies.data import precompute
+
     if not Path(source).is_dir():
         raise ConfigError("image folder not found" if not source.endswith(".tar") and "*" not in source else
                           "webdataset tars need --format shards", source=source)
@@ -101,6 +101,7 @@ def data_convert(cache_dir: Annotated[str, typer.Argument(help="A cache folder, 
                  out: Annotated[Path, typer.Option(help="Sharded dataset folder to write.")],
                  shard_mb: Annotated[int, typer.Option("--shard-mb", min=1, help="Shard size.")] = 128) -> None:
     """Write a cache (today's one-file format, or the built-in digits) as a sharded dataset."""
+    from proxies.data import LatentCache, digits_cache
     from proxies.shards import convert_cache
 
     cache = digits_cache() if cache_dir == "digits" else LatentCache.load(cache_dir)
@@ -137,6 +138,8 @@ def data_verify(dataset: Annotated[str, typer.Argument(help="A sharded dataset f
 def data_digits(out: Annotated[Path, typer.Option(help="Cache folder to write.")],
                 seed: Annotated[int, typer.Option(help="Shuffle seed of the train/val split.")] = 0) -> None:
     """Write the built-in digits dataset (scikit-learn's, offline) as a cache folder."""
+    from proxies.data import digits_cache
+
     cache = digits_cache(seed=seed)
     cache.save(out)
     console.print(f"wrote {len(cache)} digits to {out}")
@@ -147,6 +150,7 @@ def data_digits(out: Annotated[Path, typer.Option(help="Cache folder to write.")
 def data_show(cache_dir: Annotated[str, typer.Argument(help="A cache folder, or a sharded dataset (folder or "
                                                        "URL).")], as_json: JsonFlag = False) -> None:
     """The manifest of a cache, or the index of a sharded dataset (without its shard list), after checking it."""
+    from proxies.data import LatentCache
     from proxies.shards import ShardedDataset, is_sharded
 
     if is_sharded(cache_dir):
@@ -158,7 +162,7 @@ def data_show(cache_dir: Annotated[str, typer.Argument(help="A cache folder, or 
     if as_json:
         emit_json(manifest)
         return
-    table = Table("field", "value", title=str(cache_dir))
+    out = table("field", "value", title=str(cache_dir))
     for key, value in manifest.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
-    console.print(table)
+        out.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
+    console.print(out)

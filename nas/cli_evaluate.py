@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from nas.cli import app, console, user_errors
-from search_spaces import ConfigError
+from search_spaces.errors import ConfigError
 
 
 def _ints(value: str, option: str) -> list[int]:

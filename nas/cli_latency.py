@@ -11,14 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from nas.cli import app, console, emit_json, user_errors
-from search_spaces import ConfigError, load_arch
+from nas.cli import SPACE_HELP, Typer, app, console, emit_json, load_arch, progress_bar, table, user_errors
+from search_spaces.errors import ConfigError
 
-profile_app = typer.Typer(help="Measure a latency profile of a device (every block of a space + calibration "
+profile_app = Typer(help="Measure a latency profile of a device (every block of a space + calibration "
                                "networks).", invoke_without_command=True)
 app.add_typer(profile_app, name="profile")
 
@@ -40,7 +37,8 @@ def _settings(**kwargs: Any) -> Any:
 @user_errors
 def profile(
     ctx: typer.Context,
-    space: Annotated[Path | None, typer.Option(help="Space YAML whose every block is measured.")] = None,
+    space: Annotated[str | None, typer.Option(help=f"The space whose every block is measured. {SPACE_HELP}")
+                     ] = None,
     out: Annotated[Path | None, typer.Option(help="Profile YAML to write (resumed if it exists).")] = None,
     device: Device = "cpu",
     dtype: Dtype = None,
@@ -90,8 +88,7 @@ def profile(
     except ConfigError as exc:
         raise ConfigError(exc.message, field=f"--{exc.field.replace('_', '-')}") from None
     label = str(space) if space is not None else ", ".join(arch or [])
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[label]}"), console=Console(stderr=True), transient=as_json) as bar:
+    with progress_bar(stderr=True, transient=as_json) as bar:
         tasks: dict[str, Any] = {}
 
         def progress(phase: str, done: int, total: int, label: str) -> None:
@@ -107,16 +104,31 @@ def profile(
 def report_profile(prof: Any, out: Path, as_json: bool) -> None:
     """What a written profile holds (``profile`` and ``profile import``): JSON, or two lines for a person."""
     corr = prof.correction
+    trust = prof.trust
     summary = {"out": str(out), "device_name": prof.device_name, "settings": prof.settings.__dict__,
                "blocks": len(prof.blocks), "calibration_networks": len(prof.calibration),
-               "correction": None if corr is None else corr.__dict__}
+               "correction": None if corr is None else corr.__dict__,
+               "trust": None if trust is None else trust.to_dict()}
+    if trust is not None and not trust.trusted:
+        warn_untrusted(out, trust)
     if as_json:
         emit_json(summary)
         return
     console.print(f"wrote {out}: {len(prof.blocks)} blocks, {len(prof.calibration)} networks on {prof.device_name}")
     if corr is not None:
-        console.print(f"correction: whole = {corr.scale:.3f} x block sum + {corr.offset_ms:.3f} ms "
+        console.print(f"correction: whole = {corr.scale:.3f} x block sum {corr.offset_ms:+.3f} ms "
                       f"(fit error {corr.fit_mape_pct:.1f}% over {corr.n} networks)")
+    if trust is not None and trust.trusted:
+        console.print(f"measurements {trust.line()}")
+
+
+def warn_untrusted(path: object, trust: Any) -> None:
+    """One warning line on stderr for a profile whose measurements are not trustworthy (with the figures)."""
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True, markup=False).print(
+        f"warning: latency profile {path} is {trust.line()}; its predictions may be off by about that much: "
+        "measure it again on a quiet machine (--restart)")
 
 
 @app.command("predict")
@@ -138,7 +150,7 @@ def predict(
                                                             "settings, and print the error.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
 ) -> None:
-    """Predicted per-step latency of an arch and its per-stage breakdown (``--measure``: against a real run)."""
+    """Predicted per-step latency of an arch and its per-stage breakdown (with --measure: against a real run)."""
     from proxies.latency.profile import LatencyProfile, find_profile
 
     arch = load_arch(ref)
@@ -174,11 +186,11 @@ def predict(
         emit_json(result)
         return
     s = settings
-    table = Table("stage", "ms", title=f"{result['arch']}: {result['predicted_ms']:.2f} ms predicted",
-                  caption=f"{predictor}; {s.dtype}, batch {s.batch}, {s.resolution} px, {s.text_len} tokens")
+    out = table("stage", "ms", title=f"{result['arch']}: {result['predicted_ms']:.2f} ms predicted",
+                caption=f"{predictor}; {s.dtype}, batch {s.batch}, {s.resolution} px, {s.text_len} tokens")
     for stage, ms in stages.items():
-        table.add_row(stage, f"{ms:.3f}")
-    console.print(table)
+        out.add_row(stage, f"{ms:.3f}")
+    console.print(out)
     if measure:
         console.print(f"measured {result['measured_ms']:.2f} ms (spread {timing.spread_pct:.1f}%): "
                       f"error {result['error_pct']:+.1f}%")

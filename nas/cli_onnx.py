@@ -13,24 +13,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from nas.cli import app, console, emit_json, user_errors
+from nas.cli import SPACE_HELP, app, console, emit_json, load_arch, progress_bar, user_errors
 from nas.cli_latency import Batch, Resolution, TextLen, profile_app
-from search_spaces import ConfigError, load_arch
+from search_spaces.errors import ConfigError
 
 Exporter = Annotated[str, typer.Option(help="torchscript (default: fast, reliable on static shapes) or dynamo.")]
 Opset = Annotated[int, typer.Option(help="ONNX opset (the dynamo exporter uses at least 18).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Summary as JSON on stdout.")]
 
 
-def _progress(quiet: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[label]}"), console=Console(stderr=True), transient=quiet)
+def _progress(quiet: bool) -> Any:
+    return progress_bar(stderr=True, transient=quiet)
 
 
-def _reporter(bar: Progress) -> Any:
+def _reporter(bar: Any) -> Any:
     tasks: dict[str, Any] = {}
 
     def progress(phase: str, done: int, total: int, label: str) -> None:
@@ -54,7 +51,7 @@ def _export_settings(dtype: str, batch: int, resolution: int, text_len: int) -> 
 @profile_app.command("export")
 @user_errors
 def profile_export(
-    space: Annotated[Path, typer.Option(help="Space YAML whose every block is exported.")],
+    space: Annotated[str, typer.Option(help=f"The space whose every block is exported. {SPACE_HELP}")],
     out: Annotated[Path, typer.Option(help="Folder for the ONNX files and manifest.json.")],
     dtype: Annotated[str, typer.Option(help="fp16 (deployment default), fp32 or bf16.")] = "fp16",
     batch: Batch = 2,
@@ -146,7 +143,8 @@ def profile_import(
                                                                    "14 cores'.")],
     runtime: Annotated[str, typer.Option(help="The runtime and options, e.g. 'qaic-runner, SDK 1.18, fp16'.")],
     out: Annotated[Path, typer.Option(help="Profile YAML to write.")],
-    space: Annotated[Path | None, typer.Option(help="The space file, if not where the export recorded it.")] = None,
+    space: Annotated[str | None, typer.Option(help="The space (a shipped name, a space or experiment YAML), if "
+                                                   "not where the export recorded it.")] = None,
     statistic: Annotated[str, typer.Option(help="What the CSV's ms is: median (default), min or pNN of the runs.")
                          ] = "median",
     as_json: JsonOut = False,

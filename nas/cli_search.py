@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from optuna.trial import TrialState
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from nas.cli import AllowPickle, app, console, fail, user_errors
-from nas.experiment import Experiment, load_experiment, run_storage_url
-from nas.redaction import install_log_filter, remember, scrub
-from nas.report import redact, write_report
-from search_spaces import ConfigError
-from search_spaces.yamlio import atomic_write, dump_yaml, read_file
+from nas.cli import AllowPickle, app, console, fail, progress_bar, user_errors
+from nas.redaction import install_log_filter, redact, remember, scrub
+from search_spaces.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nas.experiment import Experiment
 
 
 def _breakdowns(exp: Experiment, evaluator: Any) -> Any:
@@ -32,6 +29,7 @@ def _breakdowns(exp: Experiment, evaluator: Any) -> Any:
 
 def _worker(path: str, storage_url: str, allow_pickle: bool = False, index: int = 1) -> None:
     """Another worker process on the same study (started by --workers); ``index`` seeds its sampler."""
+    from nas.experiment import load_experiment
     from nas.search.objectives import Evaluator
     from nas.search.optuna_backend import run_worker
 
@@ -47,6 +45,8 @@ def _log(message: str) -> None:
 
 def _in_file(exc: ConfigError, file: Path) -> ConfigError:
     """A problem found after loading (storage, space, reference archs), located in the file like a schema error."""
+    from search_spaces.yamlio import read_file
+
     return exc if exc.source else exc.located(str(file), read_file(file)[1])
 
 
@@ -61,6 +61,12 @@ def search(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Run an architecture search; results land in runs/<name>/ (or the file's output_dir)."""
+    import multiprocessing as mp
+
+    from optuna.trial import TrialState
+
+    from nas.experiment import load_experiment
+
     install_log_filter()
     remember(storage)
     exp = load_experiment(file)
@@ -80,6 +86,7 @@ def search(
         exp.run_dir.mkdir(parents=True, exist_ok=True)
         study = run_ray(exp, file, storage_url, resume, log=_log, allow_pickle=allow_pickle)
         _finish(exp, study, storage_url, evaluator.prepare())
+        _warn_untrusted(exp)  # the profile was measured by a Ray worker: say it here too
         return
 
     from nas.search.optuna_backend import counted, make_storage, open_study, run_worker
@@ -98,12 +105,15 @@ def search(
     saved["base_dir"] = str(Path(exp.base_dir).resolve())  # so `unet-nas report` finds the same relative files
     if isinstance(saved.get("storage"), str):
         saved["storage"] = redact(saved["storage"])
+    from search_spaces.yamlio import atomic_write, dump_yaml
+
     atomic_write(exp.run_dir / "experiment.yaml", dump_yaml(saved))
     try:
         evaluator.prepare()  # may train a teacher or measure a profile: minutes, so Ctrl-C must be clean here too
     except KeyboardInterrupt:
         console.print(f"stopped while preparing; start again with: unet-nas search {file} --resume")
         raise typer.Exit(130) from None
+    _warn_untrusted(exp)
 
     procs = []
     if workers > 1:
@@ -112,8 +122,7 @@ def search(
                  for i in range(1, workers)]
         for p in procs:
             p.start()
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console)
+    progress = progress_bar("status")
     first = exp.objectives[0].name
     interrupted = False
     with progress:
@@ -153,14 +162,94 @@ def _finish(exp: Experiment, study: Any, storage_url: str, evaluator: Any) -> No
     afresh and writes, so the files always come from the newest snapshot (the last worker's)."""
     from filelock import FileLock
 
-    references, breakdowns = evaluator.reference_objectives(), _breakdowns(exp, evaluator)
+    from nas.report import write_report
+
+    references, notes = _references(exp, evaluator)
+    breakdowns, notes = _breakdowns(exp, evaluator), _profile_notes(exp) + notes
     with FileLock(exp.run_dir / ".report.lock"):
-        facts = write_report(exp.run_dir, exp, study, storage_url, references, breakdowns)
+        facts = write_report(exp.run_dir, exp, study, storage_url, references, breakdowns, notes=notes)
     running = facts["states"]["RUNNING"] + facts["states"]["WAITING"]
     console.print(f"{facts['trials']} trials ({facts['states']['COMPLETE']} complete, {facts['states']['FAIL']} "
                   f"failed" + (f", {running} still running or queued in other workers, which rewrite the report "
                                "when they stop" if running else "")
                   + f"), {facts['pareto']} Pareto-optimal; report in {exp.run_dir}/summary.md")
+
+
+def _references(exp: Experiment, evaluator: Any) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """The reference archs' objective values, quality included: scored with the same proxy and options as every
+    trial (one trial's cost each), so that they sit on the same axes. Where the proxy cannot score one, its cost
+    objectives still place it and the summary says why its quality is missing."""
+    references = evaluator.reference_objectives()
+    quality = [o.name for o in exp.objectives if o.kind == "quality"]
+    notes = []
+    if not quality or not references:
+        return references, notes
+    from search_spaces import get_arch
+
+    for name in list(references):
+        try:
+            values = evaluator.objectives(get_arch(name))
+        except (ConfigError, RuntimeError, ValueError) as exc:
+            notes.append(f"reference {name}: {', '.join(quality)} not scored: the proxy failed on it ({scrub(exc)})")
+            continue
+        references[name] = {**references[name], **{q: values[q] for q in quality}}
+    scored = [n for n in references if all(q in references[n] for q in quality)]
+    if scored:
+        notes.append(f"reference archs {', '.join(scored)}: {', '.join(quality)} scored with the same proxy and "
+                     "options as the trials (weights inherited from the teacher as for any trial)")
+    return references, notes
+
+
+def _profiles(exp: Experiment) -> list[tuple[Any, Path, Any]]:
+    """(objective, path, profile or the ConfigError reading it) of each profile-based latency objective."""
+    from proxies.latency.profile import LatencyProfile, find_profile
+
+    out = []
+    for obj in exp.objectives:
+        if obj.kind != "latency" or obj.predictor == "roofline":
+            continue
+        path = exp.path(obj.profile)
+        try:
+            path = path if path.is_file() else find_profile(obj.profile)
+            out.append((obj, path, LatencyProfile.load(path)))
+        except ConfigError as exc:
+            out.append((obj, path, exc))
+    return out
+
+
+def _warn_untrusted(exp: Experiment) -> None:
+    """One warning line per latency profile whose measurements are not trustworthy (the summary says it too)."""
+    from nas.cli_latency import warn_untrusted
+
+    for _obj, path, prof in _profiles(exp):
+        if not isinstance(prof, ConfigError) and prof.trust is not None and not prof.trust.trusted:
+            warn_untrusted(path, prof.trust)
+
+
+def _profile_notes(exp: Experiment) -> list[str]:
+    """Where each latency figure comes from: a profile measured here (by this run) or given, its device, date,
+    calibration fit and trust verdict."""
+    notes = [f"{o.name}: roofline predictor from the device spec {o.spec} (analytic, no measurement)"
+             for o in exp.objectives if o.kind == "latency" and o.predictor == "roofline"]
+    for obj, path, prof in _profiles(exp):
+        if isinstance(prof, ConfigError):
+            notes.append(f"{obj.name}: profile not readable ({scrub(prof)})")
+            continue
+        here = path.resolve().is_relative_to(exp.run_dir.resolve())
+        origin = "measured here by this run" if here else f"given ({obj.profile})"
+        corr = prof.correction
+        fit = (f"correction whole = {corr.scale:.3f} x block sum {corr.offset_ms:+.3f} ms, fit error "
+               f"{corr.fit_mape_pct:.1f}% over {corr.n} networks") if corr is not None else "no correction fitted"
+        when = str(prof.environment.get("date", "undated"))
+        if prof.trust is None:
+            trust = "trust: not judged (a profile from before these checks, or imported)"
+        elif prof.trust.trusted:
+            trust = f"measurements {prof.trust.line()}"
+        else:
+            trust = f"**measurements {prof.trust.line()}**: its latency figures may be off by about that much"
+        notes.append(f"{obj.name}: {obj.predictor} predictor on a profile {origin} ({path.name}), "
+                     f"{prof.device_name}, {when}; {fit}; {trust}")
+    return notes
 
 
 @app.command("report")
@@ -172,6 +261,8 @@ def report(
 ) -> None:
     """Regenerate a run's report files from its study."""
     import optuna
+
+    from nas.experiment import load_experiment, run_storage_url
 
     install_log_filter()
     remember(storage)

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from nas.cli import AllowPickle, app, console, user_errors
-from search_spaces import ConfigError, load_arch
+from nas.cli import AllowPickle, app, console, load_arch, quiet_dependency_warnings, user_errors
+from search_spaces.errors import ConfigError
 
 
 @app.command("export")
@@ -40,6 +40,7 @@ def export_cmd(
     --pipeline a complete diffusers pipeline)."""
     from nas.export import arch_from_run, export
 
+    quiet_dependency_warnings()
     if (run is None) == (arch is None):
         raise ConfigError("give a run folder with --trial, or --arch", field="RUN")
     source: dict[str, object]
@@ -75,29 +76,32 @@ def train_cmd(
                                              "runs/<name>.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the output "
                                          "folder.")] = False,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads; default: torch's (all cores), "
+                                                "or with --resume the run's own setting.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Validate the recipe and print its phases; train "
                                         "nothing.")] = False,
-    stop_after: Annotated[int | None, typer.Option("--stop-after", min=1, hidden=True,
-                                                   help="Stop after this step's checkpoint (testing).")] = None,
+    stop_after: Annotated[int | None, typer.Option("--stop-after", min=1, help="Stop right after this global "
+                                                   "step's checkpoint (continue later with --resume).")] = None,
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Train a model with a recipe (one process; `accelerate launch -m nas train FILE` for many)."""
-    from nas.train import Trainer, load_recipe
+    """Train a model with a recipe (one process; accelerate launch -m nas train FILE for many)."""
+    from nas.train.recipe import load_recipe
 
+    quiet_dependency_warnings()
     recipe = load_recipe(file)
     if check:
         _print_phases(recipe)
         return
-    if threads is not None:
-        import torch
+    from nas.train import Trainer
 
-        torch.set_num_threads(threads)
     folder = out or (recipe.path(recipe.output_dir) if recipe.output_dir else Path("runs") / recipe.name)
+    threads = _threads(folder, threads, resume)
     trainer = Trainer(recipe, folder, log=lambda m: console.print(m, highlight=False), stop_after=stop_after,
                       allow_pickle=allow_pickle)
     try:
         trainer.check()
+        if resume or not (trainer.checkpoints() or (folder / "metrics.json").exists()):  # else run() refuses
+            _save_settings(folder, threads)
         metrics = trainer.run(resume=resume)
     except ConfigError as exc:  # a recipe field that does not fit the data, model or machine: point at its line
         raise (exc.located(str(file), _lines(file)) if exc.field and not exc.source else exc) from None
@@ -113,6 +117,39 @@ def train_cmd(
     console.print(f"done: {metrics['steps']} steps, final loss {metrics['final_loss']:.4f}, held-out loss "
                   f"{metrics['val_loss']:.4f}" + (f", digit accuracy {acc:.0%}" if acc is not None else "")
                   + f"; model in {folder / 'model'}, metrics in {folder / 'metrics.json'}")
+
+
+RUN_SETTINGS = "run_settings.json"
+
+
+def _threads(folder: Path, threads: int | None, resume: bool) -> int:
+    """The torch thread count of this run: ``--threads``; else, resuming, the count the run started with (stored
+    in ``run_settings.json``, so a resumed run computes as the first part did); else torch's default."""
+    import json
+
+    import torch
+
+    path = folder / RUN_SETTINGS
+    saved: dict[str, object] = {}
+    if resume and path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"unreadable ({exc}); pass --threads", source=str(path)) from None
+    if threads is None and isinstance(saved.get("threads"), int) and saved["threads"] > 0:
+        threads = int(saved["threads"])
+        console.print(f"--threads {threads}: the run's own setting (pass --threads to change it)", highlight=False)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def _save_settings(folder: Path, threads: int) -> None:
+    """Store the run's settings for the next ``--resume`` (once the recipe has passed its checks)."""
+    from search_spaces.yamlio import atomic_write, dump_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / RUN_SETTINGS, dump_json({"threads": threads}))
 
 
 def _lines(file: Path) -> dict[str, int]:

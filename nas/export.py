@@ -81,6 +81,42 @@ def arch_from_run(run: str | os.PathLike, trial: int, storage: str | None = None
     return RunChoice(arch, trial, teacher, subfolder, data)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
+
+
+def teacher_digest(folder: str | os.PathLike, subfolder: str | None = None) -> str:
+    """SHA-256 over a model folder's ``config.json`` and weight files (names and bytes, in name order): what a
+    student's ``train.yaml`` pins, so that re-running the search (which re-trains its teacher in place) cannot
+    silently change the teacher a later ``unet-nas train`` distills from."""
+    import hashlib
+
+    root = Path(folder) / (subfolder or "")
+    files = sorted(p for p in root.iterdir() if p.is_file() and (p.name == "config.json"
+                                                                 or p.suffix in WEIGHT_SUFFIXES))
+    if not files:
+        raise ConfigError("not a model folder (no config.json or weights)", source=str(root))
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(p.name.encode() + b"\0")
+        with open(p, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def check_teacher_pin(folder: str | os.PathLike, subfolder: str | None, sha256: str) -> None:
+    """Refuse a teacher whose files differ from the ones pinned at export."""
+    if not Path(folder, subfolder or "").is_dir():
+        raise ConfigError("the pinned teacher folder is gone", source=str(folder))
+    now = teacher_digest(folder, subfolder)
+    if now != sha256:
+        raise ConfigError(f"the teacher in {folder} changed since this student was exported (pinned sha256 "
+                          f"{sha256[:12]}..., now {now[:12]}...): it was re-trained or replaced, e.g. by re-running "
+                          "the search. Export the student again from the new run, or point teacher.path at the "
+                          "original teacher")
+
+
 def default_recipe(data: str | None) -> Path:
     """The recipe ``train.yaml`` starts from: the digits one for the digits data, else DeciDiffusion 1.0's."""
     name = "train_digits.yaml" if data in (None, "digits") else "train_decidiffusion_v1.yaml"
@@ -187,7 +223,8 @@ def _train_yaml(template: dict[str, Any], recipe_path: Path, out: Path, teacher:
     recipe["model"] = {"pretrained": "."}
     base = recipe_path.resolve().parent
     if teacher is not None:
-        recipe["teacher"] = {"path": teacher, **({"subfolder": teacher_subfolder} if teacher_subfolder else {})}
+        recipe["teacher"] = {"path": teacher, **({"subfolder": teacher_subfolder} if teacher_subfolder else {}),
+                             "sha256": teacher_digest(teacher, teacher_subfolder)}
         recipe["phases"] = [{**p, "distill": True} if isinstance(p, dict) else p for p in recipe.get("phases", [])]
     else:
         recipe.pop("teacher", None)
@@ -203,7 +240,9 @@ def _train_yaml(template: dict[str, Any], recipe_path: Path, out: Path, teacher:
         recipe["validation"] = {**recipe["validation"], "vae": _absolute(recipe["validation"]["vae"], base)}
     recipe["output_dir"] = f"../{out.name}_train"
     header = (f"# Train the exported {out.name} (this folder) with the recipe of {recipe_path.name}.\n"
-              f"#   unet-nas train {out}/train.yaml\n")
+              f"#   unet-nas train {out}/train.yaml\n"
+              + ("# teacher.sha256 pins the teacher's files: training refuses a teacher that changed since export\n"
+                 "# (e.g. re-trained by re-running the search).\n" if teacher is not None else ""))
     return header + dump_yaml(recipe)
 
 

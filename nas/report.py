@@ -5,7 +5,8 @@
 * ``pareto.png`` / ``pareto.html``: the front on the first two objectives, reference archs placed on it;
 * ``latency_breakdown.png``: per-stage cost of the chosen archs (predicted ms, or MACs without a latency
   objective);
-* ``best/<constraint>.yaml``: the best arch (first objective) satisfying each constraint, and ``best/all.yaml``;
+* ``best/all.yaml``: the best arch on the first objective among the trials meeting *every* constraint, and
+  ``best/<objective>.yaml`` the one lowest on each objective (none when no trial meets every constraint);
 * ``summary.md``.
 
 Every file is written to a temporary name and renamed, and storage URLs are redacted (``user:***@host``).
@@ -24,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas.experiment import Experiment
 from nas.redaction import redact, scrub
+from nas.report_plots import write_breakdown, write_pareto_plots
 from search_spaces import UNetArch
 from search_spaces.yamlio import atomic_write
 
@@ -42,12 +44,14 @@ def pareto_indices(values: list[tuple[float, ...]]) -> list[int]:
 
 
 def write_report(run_dir: Path, exp: Experiment, study: optuna.Study, storage_url: str,
-                 references: dict[str, dict[str, float]], breakdowns: Any = None) -> dict[str, Any]:
-    """Write every report file; returns the summary facts (also used by the CLI)."""
+                 references: dict[str, dict[str, float]], breakdowns: Any = None,
+                 notes: list[str] | None = None) -> dict[str, Any]:
+    """Write every report file; returns the summary facts (also used by the CLI). ``notes`` are lines for the
+    summary's "Where the figures come from" section (latency profiles and their fit, reference quality)."""
     names = [o.name for o in exp.objectives]
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    feasible = [t for t in complete if t.user_attrs.get("feasible", True)]
+    feasible = [t for t in complete if meets_all(t, [c.label for c in exp.constraints])]
     front = []
     for i in pareto_indices([tuple(t.values) for t in feasible]):
         if not any(f.params == feasible[i].params for f in front):  # a re-suggested arch appears once
@@ -65,32 +69,90 @@ def write_report(run_dir: Path, exp: Experiment, study: optuna.Study, storage_ur
     }
     atomic_write(run_dir / "pareto.json", json.dumps(pareto, indent=2) + "\n")
 
-    best: dict[str, FrozenTrial] = {}
-    for c in exp.constraints:
-        ok = [t for t in complete if t.user_attrs.get("constraints", {}).get(c.label, 0) <= 0]
-        if ok:
-            best[c.label] = min(ok, key=lambda t: tuple(t.values))
-    if feasible:
-        best["all"] = min(feasible, key=lambda t: tuple(t.values))
-    for label, t in best.items():
-        arch = UNetArch.from_dict(t.user_attrs["arch"])
-        header = (f"# best {names[0]} of experiment {exp.name} under constraint {label}: trial {t.number}, "
-                  + ", ".join(f"{n} {v:.6g}" for n, v in zip(names, t.values, strict=True)) + "\n")
-        atomic_write(run_dir / "best" / f"{label}.yaml", header + arch.to_yaml())
+    best = best_feasible(names, feasible)
+    _write_best(run_dir, exp, names, best)
 
     if complete:
-        _plot_pareto(run_dir, names, complete, front, references)
+        write_pareto_plots(run_dir, names, complete, front, references, constraint_bounds(exp, complete),
+                           feasible)
         if breakdowns is not None:
             chosen = {f"trial {t.number}": UNetArch.from_dict(t.user_attrs["arch"]) for t in front[:8]}
-            _plot_breakdown(run_dir / "latency_breakdown.png", chosen, breakdowns)
+            write_breakdown(run_dir / "latency_breakdown.png", chosen, breakdowns)
 
     from nas.search.accounting import account
 
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     facts = {"trials": len(trials), "states": states, "feasible": len(feasible), "pareto": len(front),
              "best": {k: t.number for k, t in best.items()}, "kinds": account(trials)}
-    atomic_write(run_dir / "summary.md", _summary_md(exp, storage_url, trials, front, best, references, facts))
+    atomic_write(run_dir / "summary.md", _summary_md(exp, storage_url, trials, front, best, references, facts,
+                                                     notes or []))
     return facts
+
+
+def meets_all(t: FrozenTrial, labels: list[str]) -> bool:
+    """Whether a completed trial satisfies every constraint: each recorded value ``<= 0`` and none missing (the
+    search's own ``feasible`` flag must agree)."""
+    values = t.user_attrs.get("constraints", {})
+    return t.user_attrs.get("feasible", True) and all(values.get(c, float("inf")) <= 0 for c in labels)
+
+
+def best_feasible(names: list[str], feasible: list[FrozenTrial]) -> dict[str, FrozenTrial]:
+    """The best trial on each objective among those satisfying every constraint: ``all`` for the first objective
+    (ties broken by the next ones), then one per further objective. Empty when no trial meets every constraint."""
+    if not feasible:
+        return {}
+    best = {"all": min(feasible, key=lambda t: (tuple(t.values), t.number))}
+    for i, name in enumerate(names[1:], start=1):  # the first objective's best is "all"
+        best[name] = min(feasible, key=lambda t, i=i: (t.values[i], tuple(t.values), t.number))
+    return best
+
+
+def _write_best(run_dir: Path, exp: Experiment, names: list[str], best: dict[str, FrozenTrial]) -> None:
+    """``best/<key>.yaml`` for each best trial; files of an earlier report that no longer apply are removed, so
+    the folder never holds a "best" that breaks a constraint."""
+    folder = run_dir / "best"
+    if folder.is_dir():
+        for old in folder.glob("*.yaml"):
+            if old.stem not in best:
+                old.unlink()
+    for key, t in best.items():
+        arch = UNetArch.from_dict(t.user_attrs["arch"])
+        what = f"best {names[0]}" if key == "all" else f"lowest {key}"
+        header = (f"# {what} of experiment {exp.name} among trials meeting every constraint "
+                  f"({', '.join(c.label for c in exp.constraints) or 'none'}): trial {t.number}, "
+                  + ", ".join(f"{n} {v:.6g}" for n, v in zip(names, t.values, strict=True)) + "\n")
+        atomic_write(folder / f"{key}.yaml", header + arch.to_yaml())
+
+
+def constraint_bounds(exp: Experiment, complete: list[FrozenTrial]) -> dict[str, tuple[str, float]]:
+    """Each constraint's bound in its objective's units (``label -> (objective, bound)``), read back from any trial
+    that recorded the constraint: its value is ``objective - bound``."""
+    names = [o.name for o in exp.objectives]
+    out: dict[str, tuple[str, float]] = {}
+    for c in exp.constraints:
+        if c.objective not in names:
+            continue
+        i = names.index(c.objective)
+        for t in complete:
+            value = t.user_attrs.get("constraints", {}).get(c.label)
+            if value is not None:
+                out[c.label] = (c.objective, t.values[i] - value)
+                break
+    return out
+
+
+def _closest(exp: Experiment, complete: list[FrozenTrial]) -> str:
+    """The completed trial that breaks the constraints least (sum of violations relative to each bound)."""
+    bounds = constraint_bounds(exp, complete)
+
+    def excess(t: FrozenTrial) -> float:
+        values = t.user_attrs.get("constraints", {})
+        return sum(max(values.get(c, 0.0), 0.0) / max(abs(bounds[c][1]), 1e-12) for c in bounds)
+
+    t = min(complete, key=lambda t: (excess(t), t.number))
+    broken = [f"{c} by {t.user_attrs['constraints'][c]:.4g}" for c in bounds
+              if t.user_attrs.get("constraints", {}).get(c, 0.0) > 0]
+    return f"closest: trial {t.number}, over " + ", ".join(broken) if broken else ""
 
 
 def _write_trials_csv(path: Path, trials: list[FrozenTrial], names: list[str], constraints: list[str]) -> None:
@@ -108,93 +170,9 @@ def _write_trials_csv(path: Path, trials: list[FrozenTrial], names: list[str], c
     atomic_write(path, buf.getvalue())
 
 
-def _axes(names: list[str]) -> tuple[int, int]:
-    return (0, 1) if len(names) > 1 else (0, 0)
-
-
-def _plot_pareto(run_dir: Path, names: list[str], complete: list[FrozenTrial], front: list[FrozenTrial],
-                 references: dict[str, dict[str, float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    y_i, x_i = _axes(names)
-    fig, ax = plt.subplots(figsize=(7, 5))
-    others = [t for t in complete if t not in front]
-    ax.scatter([t.values[x_i] for t in others], [t.values[y_i] for t in others], s=14, c="lightgray",
-               label="trials")
-    infeasible = [t for t in others if not t.user_attrs.get("feasible", True)]
-    ax.scatter([t.values[x_i] for t in infeasible], [t.values[y_i] for t in infeasible], s=14, marker="x",
-               c="tab:red", label="infeasible")
-    ax.plot([t.values[x_i] for t in front], [t.values[y_i] for t in front], "o-", c="tab:blue", label="Pareto front")
-    for name, vals in references.items():
-        if names[x_i] in vals:
-            x = vals[names[x_i]]
-            if names[y_i] in vals:
-                ax.scatter([x], [vals[names[y_i]]], marker="*", s=120, c="tab:orange")
-                ax.annotate(name, (x, vals[names[y_i]]), fontsize=8, xytext=(4, 4), textcoords="offset points")
-            else:  # a reference without a quality score: a vertical line at its cost
-                ax.axvline(x, ls="--", c="tab:orange", lw=1)
-                ax.annotate(name, (x, ax.get_ylim()[1]), fontsize=8, rotation=90, va="top", ha="right")
-    ax.set_xlabel(names[x_i])
-    ax.set_ylabel(names[y_i])
-    ax.legend(fontsize=8)
-    ax.set_title(f"{len(front)} Pareto-optimal of {len(complete)} completed trials")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(run_dir / "pareto.png", buf.getvalue())
-
-    import plotly.graph_objects as go
-
-    hover = [f"trial {t.number}<br>{t.user_attrs.get('arch_summary', '')}" for t in complete]
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[t.values[x_i] for t in complete], y=[t.values[y_i] for t in complete],
-                             mode="markers", name="trials", text=hover, hoverinfo="text+x+y",
-                             marker={"color": ["#1f77b4" if t in front else "#bbbbbb" for t in complete]}))
-    for name, vals in references.items():
-        if names[x_i] in vals:
-            if names[y_i] in vals:
-                fig.add_trace(go.Scatter(x=[vals[names[x_i]]], y=[vals[names[y_i]]], mode="markers+text",
-                                         text=[name], name=name, marker={"symbol": "star", "size": 14}))
-            else:
-                fig.add_vline(x=vals[names[x_i]], line_dash="dash", annotation_text=name)
-    fig.update_layout(xaxis_title=names[x_i], yaxis_title=names[y_i], title="Pareto front")
-    atomic_write(run_dir / "pareto.html", fig.to_html(include_plotlyjs=True, full_html=True))
-
-
-def _plot_breakdown(path: Path, archs: dict[str, UNetArch], breakdowns: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    unit, fn = breakdowns
-    rows = {label: fn(arch) for label, arch in archs.items()}
-    stages: list[str] = []
-    for r in rows.values():
-        stages += [s for s in r if s not in stages]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
-    bottom = [0.0] * len(rows)
-    for s in stages:
-        heights = [r.get(s, 0.0) for r in rows.values()]
-        ax.bar(list(rows), heights, bottom=bottom, label=s)
-        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-    ax.set_ylabel(unit)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("where the time goes, per stage")
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
 def _summary_md(exp: Experiment, storage_url: str, trials: list[FrozenTrial], front: list[FrozenTrial],
-                best: dict[str, FrozenTrial], references: dict[str, dict[str, float]], facts: dict[str, Any]) -> str:
+                best: dict[str, FrozenTrial], references: dict[str, dict[str, float]], facts: dict[str, Any],
+                notes: list[str]) -> str:
     names = [o.name for o in exp.objectives]
     lines = [f"# {exp.name}", "",
              f"- storage: `{redact(_with_driver(storage_url))}`",
@@ -204,13 +182,23 @@ def _summary_md(exp: Experiment, storage_url: str, trials: list[FrozenTrial], fr
              f"- trials: {facts['trials']} (" + ", ".join(f"{k.lower()} {v}" for k, v in facts["states"].items() if v)
              + f"), feasible {facts['feasible']}, Pareto-optimal {facts['pareto']}",
              _kinds_line(facts["kinds"]), ""]
+    labels = [c.label for c in exp.constraints]
+    lines += ["## Best feasible trials", "",
+              "Each row meets every constraint (" + (", ".join(f"`{c}`" for c in labels) or "none") + ").", ""]
     if best:
-        lines += ["## Best per constraint", "", "| constraint | trial | " + " | ".join(names) + " | arch |",
-                  "|---|---|" + "---|" * len(names) + "---|"]
-        for label, t in best.items():
-            lines.append(f"| {label} | {t.number} | " + " | ".join(f"{v:.6g}" for v in t.values)
-                         + f" | `{t.user_attrs.get('arch_summary', '')}` (best/{label}.yaml) |")
-        lines.append("")
+        lines += ["| best | trial | " + " | ".join(names) + " | arch |", "|---|---|" + "---|" * len(names) + "---|"]
+        for key, t in best.items():
+            what = f"{names[0]} (first objective)" if key == "all" else f"lowest {key}"
+            lines.append(f"| {what} | {t.number} | " + " | ".join(f"{v:.6g}" for v in t.values)
+                         + f" | `{t.user_attrs.get('arch_summary', '')}` (best/{key}.yaml) |")
+    else:
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        closest = _closest(exp, complete) if complete and labels else ""
+        lines.append("**No trial meets every constraint**, so there is no best arch" + (f" ({closest})." if closest
+                                                                                          else "."))
+    lines.append("")
+    if notes:
+        lines += ["## Where the figures come from", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Pareto front", "", "| trial | " + " | ".join(names) + " | arch |", "|---|" + "---|" * len(names)
               + "---|"]
     lines += [f"| {t.number} | " + " | ".join(f"{v:.6g}" for v in t.values)

@@ -3,9 +3,7 @@
 Imports go one way: ``nas`` -> ``proxies`` -> ``search_spaces``; nothing here imports the other two.
 """
 
-from .arch import BlockSpec, DownStage, MidBlock, UNetArch, UpStage, interleave
 from .errors import ConfigError
-from .registry import get_arch, list_archs, load_arch
 
 __all__ = [
     "BlockSpec",
@@ -21,8 +19,21 @@ __all__ = [
 ]
 
 
+_ARCH = ("BlockSpec", "DownStage", "MidBlock", "UNetArch", "UpStage", "interleave")
+_REGISTRY = ("get_arch", "list_archs", "load_arch")
+
+
 def __getattr__(name: str):
-    # the model pulls in torch and diffusers; load it only when asked, so the cost model and the CLI stay fast
+    # loaded when first asked for: the model pulls in torch and diffusers, and even the arch classes and the YAML
+    # parser cost start-up time that `unet-nas --help` and argument errors should not pay
+    if name in _ARCH:
+        from . import arch
+
+        return getattr(arch, name)
+    if name in _REGISTRY:
+        from . import registry
+
+        return getattr(registry, name)
     if name == "FlexibleUNet2DConditionModel":
         from .flexible_unet import FlexibleUNet2DConditionModel
 

@@ -445,9 +445,20 @@ class SearchSpace:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> SearchSpace:
-        """Load a space file: either a bare space mapping or an experiment file with a ``space:`` section."""
+        """Load a space: a shipped space name (``digits``), a space file, or an experiment file whose ``space:`` is a
+        mapping, a shipped name or a space file (relative to the experiment file). Every ``--space`` option and
+        space argument of the command line reads it here, so all of them accept the same three forms."""
+        from .registry import space_path
+
+        path = space_path(path)
         data, lines = read_file(path)
         nested = isinstance(data, Mapping) and "space" in data
+        if nested and isinstance(data["space"], str):  # an experiment naming its space
+            try:
+                inner = space_path(data["space"], base=path.parent)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, field="space").located(str(path), lines) from None
+            return cls.from_yaml(inner)
         try:
             return cls(data["space"] if nested else data)
         except ConfigError as exc:

@@ -90,6 +90,34 @@ def test_export_writes_a_train_yaml_that_validates(exported):
     assert trainer.model.arch == FlexibleUNet2DConditionModel.from_pretrained(out).arch
 
 
+def test_the_exported_train_yaml_pins_its_teacher(exported, tmp_path):
+    """train.yaml holds the teacher's sha256; a teacher changed since export (as re-running the search re-trains
+    it in place) is refused with one clear error instead of silently distilling from another model."""
+    import shutil
+
+    import yaml
+
+    from nas.export import teacher_digest
+
+    root, out, _ = exported
+    recipe = yaml.safe_load((out / "train.yaml").read_text())
+    assert recipe["teacher"]["sha256"] == teacher_digest(root / "teacher")
+    teacher = tmp_path / "teacher"
+    shutil.copytree(root / "teacher", teacher)
+    student = tmp_path / "student"
+    shutil.copytree(out, student)
+    recipe["teacher"]["path"] = str(teacher)
+    (student / "train.yaml").write_text(yaml.safe_dump(recipe))
+    assert Trainer(load_recipe(student / "train.yaml"), tmp_path / "ok").check().teacher is not None
+    torch.manual_seed(6)
+    FlexibleUNet2DConditionModel.from_arch(get_arch("digits")).save_pretrained(teacher)  # re-trained in place
+    res = runner.invoke(app, ["train", str(student / "train.yaml"), "--out", str(tmp_path / "refused")])
+    assert res.exit_code == 2, res.output
+    message = " ".join(res.output.split())
+    assert "teacher.sha256" in message and "changed since this student was exported" in message
+    assert not (tmp_path / "refused").exists()
+
+
 def test_export_errors(exported, tmp_path):
     root, out, _ = exported
     res = runner.invoke(app, ["export", str(root / "runs" / "pick"), "--trial", "99", "--out", str(tmp_path / "x")])

@@ -5,23 +5,29 @@ No test asserts a timing target (the machine is shared and noisy); targets live 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from nas.cli import app
+from nas.cli_latency import report_profile
 from proxies.cost import arch_costs
 from proxies.latency.blocks import arch_block_keys, space_blocks
 from proxies.latency.kernels import block_kernels, kernel_array
 from proxies.latency.learned import LearnedPredictor
-from proxies.latency.lut import LUTPredictor, block_sum, block_times, fit_correction
-from proxies.latency.profile import Correction, LatencyProfile, Protocol, Settings
+from proxies.latency.lut import LUTPredictor, block_sum, block_times, fit_correction, fit_profile_correction
+from proxies.latency.profile import Correction, LatencyProfile, Protocol, Settings, Timing
 from proxies.latency.profiler import run_profile
 from proxies.latency.roofline import RooflinePredictor, list_specs, load_spec, spec_from_dict
+from proxies.latency.trust import FIT_LIMIT_PCT, LoadLog, judge, noisy
 from search_spaces import ConfigError, get_arch
 from search_spaces.space import SearchSpace
 from tests.conftest import MICRO_SPACE_YAML
@@ -350,3 +356,83 @@ def test_unknown_profile_name_is_one_clear_error():
 def test_cuda_graph_needs_a_cuda_device():
     with pytest.raises(ConfigError, match="CUDA graphs"):
         Settings(device="cpu", cuda_graph=True)
+
+
+# ---- trust: a profile notices measurements it should not be believed on ------------------------------------------
+
+
+def _bad_calibration(out: Path) -> list[float]:
+    """Feed the profile whole-network timings with a bad calibration: each one slowed by a different factor
+    (1.5x to 4x, as when the networks were timed while other jobs came and went), so no line through the block
+    sums fits them. Returns the written timings."""
+    data = yaml.safe_load(out.read_text())
+    factors = [1.5, 4.0, 1.8, 3.0, 2.2, 3.5]
+    for item, factor in zip(data["calibration"], factors * 3, strict=False):
+        item["timing"]["ms"] = item["timing"]["ms"] * factor
+        item["timing"]["median_ms"] = item["timing"]["ms"]
+    data.pop("trust", None)
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return [item["timing"]["ms"] for item in data["calibration"]]
+
+
+def test_a_bad_fit_is_remeasured(space, profile, tmp_path):
+    """Resuming a profile whose calibration does not fit its blocks: the networks are timed again (the fed-in
+    timings are gone), the correction refitted, and the verdict and the re-measure recorded in the file."""
+    out = tmp_path / "p.yaml"
+    out.write_text(Path(profile.source).read_text())
+    fed = _bad_calibration(out)
+    corr = fit_profile_correction(LatencyProfile.load(out))
+    assert corr.fit_mape_pct > FIT_LIMIT_PCT  # the fit the bad timings give, before any re-measure
+    again = run_profile(space, SETTINGS, out, protocol=FAST, calibration=5)
+    assert again.trust is not None and again.trust.remeasured_networks == 5
+    # each network keeps its faster timing (other work only ever adds time): never the slower fed-in one, and
+    # timings 1.5x-4x too slow do not all survive a fresh measurement
+    now = [round(c.timing.ms, 6) for c in again.calibration]
+    assert all(n <= f + 1e-6 for n, f in zip(now, fed, strict=True))
+    assert any(n < f - 1e-6 for n, f in zip(now, fed, strict=True))
+    saved = LatencyProfile.load(out)
+    assert saved.trust.to_dict() == again.trust.to_dict()
+    assert saved.trust.fit_mape_pct == pytest.approx(again.correction.fit_mape_pct, abs=0.01)
+    # what re-measuring could not fix is a verdict with its figures, never silence
+    assert saved.trust.trusted == (not saved.trust.reasons)
+    if saved.correction.fit_mape_pct > FIT_LIMIT_PCT:
+        assert not saved.trust.trusted and "calibration fit error" in saved.trust.reasons[0]
+
+
+def test_a_bad_fit_that_is_not_remeasured_is_flagged(space, profile, tmp_path):
+    """Without re-measuring, the same bad calibration is flagged: verdict, figure, file, and the CLI's warning."""
+    out = tmp_path / "p.yaml"
+    out.write_text(Path(profile.source).read_text())
+    _bad_calibration(out)
+    flagged = run_profile(space, SETTINGS, out, protocol=FAST, calibration=5, remeasure=False)
+    trust = LatencyProfile.load(out).trust
+    assert trust.to_dict() == flagged.trust.to_dict() and not trust.trusted and trust.remeasured_networks == 0
+    assert trust.fit_mape_pct > FIT_LIMIT_PCT
+    assert f"calibration fit error {trust.fit_mape_pct:.1f}%" in trust.line()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        report_profile(flagged, out, as_json=True)
+    assert err.getvalue().count("\n") == 1 and "NOT trustworthy" in err.getvalue()
+    assert f"{trust.fit_mape_pct:.1f}%" in err.getvalue()
+
+
+def test_noisy_blocks_and_load_are_judged():
+    """The spread and load rules on their own: a block repeated enough with a wide spread is noisy; load beyond
+    the measuring threads on a machine is named with its figure."""
+    base = LatencyProfile(settings=SETTINGS, protocol=FAST, device_name="cpu")
+    base.blocks = {"a": Timing(1.0, 1.1, 40.0, 10), "b": Timing(1.0, 1.0, 40.0, 3), "c": Timing(1.0, 1.0, 2.0, 10)}
+    assert noisy(base.blocks) == ["a"]  # b: three repeats say nothing about spread
+    cpus = os.cpu_count() or 1
+    quiet, busy = LoadLog([1.0]), LoadLog([1.0 + max(0.5, 0.25 * (cpus - 1)) + 1.0])
+    assert not any("load" in r for r in judge(base, quiet).reasons)
+    reasons = judge(base, busy).reasons
+    assert any(r.startswith(f"load average up to {busy.samples[0]:.2f} on {cpus} CPUs") for r in reasons)
+    assert any("1 of 3 blocks spread" in r for r in reasons)
+
+
+def test_a_trust_section_is_validated(profile, tmp_path):
+    data = yaml.safe_load(Path(profile.source).read_text())
+    data["trust"] = {"verdict": "maybe"}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"trust\.verdict"):
+        LatencyProfile.load(tmp_path / "p.yaml")

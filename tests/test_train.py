@@ -4,6 +4,7 @@ digits, EMA only in its phase, exact resume after a kill, recipe errors with fil
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -265,6 +266,23 @@ def test_resume_refusals(tmp_path, reference):
     _, ref_out = reference
     res = runner.invoke(app, ["train", str(path), "--out", str(ref_out)])
     assert res.exit_code == 2 and "already holds a run" in res.output
+
+
+def test_resume_keeps_the_runs_threads(tmp_path):
+    """Started with --threads 2 and stopped; --resume without --threads trains with 2 again (the resumed part of
+    the issue's run used torch's default); an explicit --threads on a later resume wins and is kept."""
+    path = _write(tmp_path, PHASED)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["train", str(path), "--out", str(out), "--threads", "2", "--stop-after", "5"])
+    assert res.exit_code == 0, res.output
+    torch.set_num_threads(1)  # what a new process would have before the resume decides
+    res = runner.invoke(app, ["train", str(path), "--out", str(out), "--resume", "--stop-after", "10"])
+    assert res.exit_code == 0, res.output
+    assert torch.get_num_threads() == 2 and "--threads 2: the run's own setting" in res.output
+    res = runner.invoke(app, ["train", str(path), "--out", str(out), "--resume", "--threads", "1",
+                              "--stop-after", "15"])
+    assert res.exit_code == 0 and torch.get_num_threads() == 1
+    assert json.loads((out / "run_settings.json").read_text()) == {"threads": 1}  # what the next --resume takes
 
 
 def test_shipped_recipes_hold_the_published_phase_table():

@@ -60,6 +60,8 @@ class TeacherSpec(_Strict):
 
     path: str
     subfolder: str | None = None
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="pins the teacher's files (written by "
+                               "export): training refuses a teacher that changed since")
 
 
 class NoiseSpec(_Strict):

@@ -149,6 +149,11 @@ class Trainer:
         arch = self.model.arch
         self.teacher = None
         if r.teacher is not None and any(p.distill for p in r.phases):
+            if r.teacher.sha256 is not None:
+                from nas.export import check_teacher_pin
+
+                _located(lambda: check_teacher_pin(r.path(r.teacher.path), r.teacher.subfolder, r.teacher.sha256),
+                         "teacher.sha256")
             self.teacher = _located(lambda: load_unet(r.path(r.teacher.path), subfolder=r.teacher.subfolder,
                                                         allow_pickle=self.allow_pickle), "teacher.path")
         if r.pipeline_from is not None:
@@ -198,7 +203,7 @@ class Trainer:
             return _located(lambda: load_unet(self.recipe.path(spec.pretrained), subfolder=spec.subfolder,
                                                  allow_pickle=self.allow_pickle), "model.pretrained")
         ref = self.recipe.path(spec.arch)
-        arch = _located(lambda: load_arch(ref if ref.is_file() else spec.arch), "model.arch")
+        arch = _located(lambda: load_arch(ref if ref.exists() else spec.arch), "model.arch")  # a file or folder
         set_seed(self.recipe.seed)
         return FlexibleUNet2DConditionModel.from_arch(arch)
 

@@ -94,9 +94,14 @@ def _number(text: str, name: str, src: str, line: int) -> float:
 
 def check_space(manifest: Manifest, space_file: str | os.PathLike | None = None) -> Any:
     """The export's space, refused unless it still hashes as at export and yields the exported blocks."""
+    from search_spaces.registry import space_path
     from search_spaces.space import SearchSpace
 
-    path = Path(space_file if space_file is not None else manifest.space_file)
+    ref = space_file if space_file is not None else manifest.space_file
+    try:
+        path = space_path(str(ref))  # a shipped space name, or a file
+    except ConfigError:
+        path = Path(ref)
     if not path.is_file():
         raise ConfigError(f"the space file {str(path)!r} recorded at export is not found here; pass --space FILE",
                           field="--space")

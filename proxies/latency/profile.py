@@ -25,6 +25,8 @@ from search_spaces.errors import ConfigError
 from search_spaces.schema import check_keys, check_type
 from search_spaces.yamlio import atomic_write, dump_yaml, load_validated
 
+from .trust import trust_from_dict
+
 FORMAT = "unet-nas-latency-profile/1"
 DTYPES = ("fp32", "fp16", "bf16")
 VAE_SCALE = 8  # SD-family VAEs downsample images 8x: a 512 px image is a 64x64 latent
@@ -151,6 +153,7 @@ class LatencyProfile:
     calibration: list[CalibrationSample] = field(default_factory=list)
     correction: Correction | None = None
     complete: bool = False
+    trust: Any = None  # a proxies.latency.trust.Trust: the verdict on the measurements (None: not judged)
     source: str | None = None
 
     # ---- checks ------------------------------------------------------------------------------------------
@@ -181,6 +184,8 @@ class LatencyProfile:
             "blocks": {k: _timing_dict(t) for k, t in sorted(self.blocks.items())},
             "calibration": [{"timing": _timing_dict(c.timing), "arch": c.arch.to_dict()} for c in self.calibration],
         }
+        if self.trust is not None:
+            out["trust"] = self.trust.to_dict()
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -295,7 +300,7 @@ _PROTOCOL_TYPES = {"statistic": str, "warmup": int, "min_repeats": int, "max_rep
                    "rel_tol": (int, float)}
 _CORRECTION_TYPES = {"scale": (int, float), "offset_ms": (int, float), "n": int, "fit_mape_pct": (int, float)}
 _TOP_KEYS = {"format", "device_name", "settings", "protocol", "environment", "space", "complete", "correction",
-             "blocks", "calibration"}
+             "blocks", "calibration", "trust"}
 
 
 def _profile_from_dict(data: Any) -> LatencyProfile:
@@ -344,4 +349,5 @@ def _profile_from_dict(data: Any) -> LatencyProfile:
         space=str(check_type(data.get("space", ""), str, "space")),
         blocks=blocks, calibration=calibration, correction=correction,
         complete=check_type(data.get("complete", False), bool, "complete"),
+        trust=None if data.get("trust") is None else trust_from_dict(data["trust"]),
     )

@@ -23,6 +23,7 @@ from .blocks import block_inputs, build_block, space_blocks
 from .lut import fit_profile_correction
 from .profile import CalibrationSample, LatencyProfile, Protocol, Settings, Timing, environment
 from .timing import describe_device, measure_callable, measure_networks, measuring, torch_device, torch_dtype
+from .trust import FIT_LIMIT_PCT, LoadLog, judge, noisy
 
 ProgressFn = Callable[[str, int, int, str], None]  # (phase, done, total, label)
 
@@ -87,16 +88,22 @@ def open_profile(out: Path, settings: Settings, protocol: Protocol, space_label:
 def run_profile(space: Any, settings: Settings, out: str | os.PathLike, *, protocol: Protocol | None = None,
                 extra_archs: Sequence[UNetArch] = (), calibration: int = 12, seed: int = 0, restart: bool = False,
                 space_label: str = "", group: int = 6, progress: ProgressFn | None = None,
-                max_blocks: int | None = None) -> LatencyProfile:
+                max_blocks: int | None = None, remeasure: bool = True) -> LatencyProfile:
     """Measure (or resume) a profile of ``space`` (a ``SearchSpace``, or None to profile ``extra_archs`` only).
 
     ``max_blocks`` stops after that many newly measured blocks, leaving an incomplete profile on disk (used to
     test resuming, and handy to spread a long GPU profile over several sessions).
+
+    Then the measurements are judged (:mod:`.trust`): with ``remeasure``, blocks whose repeats spread too much
+    are timed once more, and after a calibration fit worse than the limit the calibration networks are; the
+    verdict that remains is stored in the profile's ``trust`` section.
     """
     protocol = protocol or Protocol()
     out = Path(out)
     profile = open_profile(out, settings, protocol, space_label, restart)
     profile.save(out)
+    load = LoadLog()
+    load.sample()
     latent = settings.latent_size
     if space is not None:
         wanted = space_blocks(space, latent, extra_archs)
@@ -113,8 +120,10 @@ def run_profile(space: Any, settings: Settings, out: str | os.PathLike, *, proto
             progress("blocks", done, len(todo), key)
         profile.blocks[key] = measure_block(arch, b, settings, protocol)
         profile.save(out)  # after every block: an interrupt loses only the block in flight
+        load.sample()
     if progress:
         progress("blocks", len(todo), len(todo), "")
+    redone_blocks = _remeasure_noisy(profile, wanted, settings, protocol, out, load, progress) if remeasure else 0
 
     cal = calibration_archs(space, calibration, seed) if space is not None else []
     cal += [a for a in extra_archs if a not in cal]
@@ -127,6 +136,7 @@ def run_profile(space: Any, settings: Settings, out: str | os.PathLike, *, proto
         nonlocal finished
         profile.calibration.extend(CalibrationSample(a, t) for a, t in results)
         profile.save(out)
+        load.sample()
         finished += len(results)
         if progress:
             progress("networks", finished, len(pending), "")
@@ -136,6 +146,45 @@ def run_profile(space: Any, settings: Settings, out: str | os.PathLike, *, proto
             progress("networks", 0, len(pending), "")
         measure_networks(pending, settings, protocol, group=group, on_group=saved)
     profile.correction = fit_profile_correction(profile)
+    redone_networks = 0
+    if remeasure and profile.correction.n >= 3 and profile.correction.fit_mape_pct > FIT_LIMIT_PCT:
+        # blocks and networks were timed at different moments, so under a changing load they disagree: time the
+        # whole networks again (interleaved) and keep each one's faster run
+        archs = [c.arch for c in profile.calibration]
+        if progress:
+            progress("re-measure networks", 0, len(archs), "calibration fit error "
+                     f"{profile.correction.fit_mape_pct:.1f}%")
+        again = measure_networks(archs, settings, protocol, group=group)
+        load.sample()
+        profile.calibration = [CalibrationSample(c.arch, _better(c.timing, t))
+                               for c, t in zip(profile.calibration, again, strict=True)]
+        redone_networks = len(archs)
+        profile.correction = fit_profile_correction(profile)
+        if progress:
+            progress("re-measure networks", len(archs), len(archs), "")
+    profile.trust = judge(profile, load, redone_blocks, redone_networks)
     profile.complete = True
     profile.save(out)
     return profile
+
+
+def _better(old: Timing, new: Timing) -> Timing:
+    """Of two timings of the same thing, the one taken with less interference: the lower (other work on the
+    machine only ever adds time)."""
+    return new if new.ms <= old.ms else old
+
+
+def _remeasure_noisy(profile: LatencyProfile, wanted: dict[str, tuple[UNetArch, BlockSpec]], settings: Settings,
+                     protocol: Protocol, out: Path, load: LoadLog, progress: ProgressFn | None) -> int:
+    """Time once more the blocks whose repeats spread above the limit; returns how many were re-measured."""
+    redo = [k for k in noisy(profile.blocks) if k in wanted]
+    for done, key in enumerate(redo):
+        if progress:
+            progress("re-measure blocks", done, len(redo), key)
+        arch, b = wanted[key]
+        profile.blocks[key] = _better(profile.blocks[key], measure_block(arch, b, settings, protocol))
+        profile.save(out)
+        load.sample()
+    if progress and redo:
+        progress("re-measure blocks", len(redo), len(redo), "")
+    return len(redo)
