@@ -118,6 +118,18 @@ def run_main(args) -> None:
               flush=True)
 
 
+def run_design(args) -> None:
+    """Ground truth and features of some design archs, then repeats of some (a helper beside ``main``)."""
+    ctx, _, anchors, _ = setup(args)
+    for i in args.indices or range(len(anchors)):
+        g = gt(args, ctx, anchors[i], args.gt_steps, args.seed)
+        features(args, ctx, anchors[i])
+        print(f"design {i}: {group(anchors[i])} gt {g['task_loss']:.4f} ({g['seconds']:.0f}s)", flush=True)
+    for i in args.repeat_indices or ():
+        g = gt(args, ctx, anchors[i], args.gt_steps, args.seed + 1000)
+        print(f"repeat {i}: gt {g['task_loss']:.4f}", flush=True)
+
+
 def run_long(args) -> None:
     ctx, _, anchors, _ = setup(args)
     for i in args.indices or range(len(anchors)):  # several processes may share the list, each its own indices
@@ -130,7 +142,7 @@ if __name__ == "__main__":
     from proxy_validity_report import report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("main", "long", "report"), required=True)
+    parser.add_argument("--part", choices=("main", "design", "long", "report"), required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--archs", type=int, default=24)
     parser.add_argument("--gt-steps", type=int, default=200)
@@ -139,11 +151,14 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=6)
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--feature-eval-items", type=int, default=64)
-    parser.add_argument("--indices", type=int, nargs="*", help="long: only these design archs, in this order")
+    parser.add_argument("--indices", type=int, nargs="*", help="long, design: only these design archs, in order")
+    parser.add_argument("--repeat-indices", type=int, nargs="*", help="design: then repeat these design archs")
     parser.add_argument("--batch", type=int, default=32, help="batch size of every student run (GT and proxies)")
     parser.add_argument("--work", type=Path, default=None,
                         help="cache folder (default runs/proxy_validity_cosine_seedN)")
     args = parser.parse_args()
     args.work = args.work or Path("runs") / f"proxy_validity_cosine_seed{args.seed}"
     torch.set_num_threads(1)
-    {"main": run_main, "long": run_long, "report": lambda a: report(a, setup, gt, features, group)}[args.part](args)
+    parts = {"main": run_main, "design": run_design, "long": run_long,
+             "report": lambda a: report(a, setup, gt, features, group)}
+    parts[args.part](args)

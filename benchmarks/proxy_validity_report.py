@@ -82,53 +82,30 @@ def report(args, setup, gt, features, group) -> None:
     rows = [(a, g, f) for a, g, f in rows if g and f]
     design_rows = [(a, gfile(a, args.gt_steps, args.seed), ffile(a)) for a in anchors]
     design_rows = [(a, g, f) for a, g, f in design_rows if g and f]
-    every_gt = [g["task_loss"] for _, g, _ in rows + design_rows]
-    if len(reps) > 2:
+    distinct = {arch_key(b): b for b in anchors + tests}.values()
+    every_gt = [g["task_loss"] for g in (gfile(a, args.gt_steps, args.seed) for a in distinct) if g]
+    if len(reps) > 2 and len(every_gt) > 1:
         out.update(noise_figures([x["task_loss"] for x, _ in reps], [y["task_loss"] for _, y in reps], every_gt))
 
-    # 3. proxies on the held-out test archs
+    # 3. proxies: on the test archs (surrogates fitted on design archs), and leave-one-out over the design archs
     out["n_archs"] = len(rows)
     out["n_design_archs"] = len(design_rows)
-    if len(rows) < 3:
+    if not design_rows:
         _write(args, out)
         return
-    y = np.array([g["task_loss"] for _, g, _ in rows])
     gt_seconds = float(np.median([g["seconds"] for _, g, _ in rows + design_rows]))
     out["ground_truth_seconds_per_arch"] = gt_seconds
-    proxies: dict = {}
-
-    def add(name, kind, scores, seconds, **extra) -> None:
-        proxies[name] = {"kind": kind, "kendall_tau": tau(scores, y), "seconds_per_arch": seconds,
-                         "cost_fraction_of_ground_truth": seconds / gt_seconds, **extra}
-
-    add("params", "baseline", -np.array([f["params"] for _, _, f in rows], float), 0.0)
-    add("macs", "baseline", -np.array([f["macs"] for _, _, f in rows], float), 0.0)
-    for k in (0, *sorted({5, 10, 20})):
-        add(f"distill_task@{k}", "distill", [f["curve"][str(k)] for _, _, f in rows],
-            float(np.median([feature_cost(f, k) for _, _, f in rows])))
-    sets = {"all": FEATURES, "loss@K+new_fraction": ("loss@K", "new_fraction"),
-            "losses+new_fraction": ("loss@0", "loss@K", "new_fraction"), "loss@K+macs": ("loss@K", "macs")}
-    for n in (4, 6, 8, 10):
-        fit = design_rows[:n]
-        if len(fit) < n:
-            continue
-        one_time = n * gt_seconds / TRIALS
-        for k in (0, 5, 10, 20):
-            for label, names in sets.items():
-                if k == 0 and "loss@K" in names and "loss@0" not in names:
-                    continue
-                model = fit_ridge([_at(f, k) for _, _, f in fit], [g["task_loss"] for _, g, _ in fit], names)
-                pred = model.predict(np.array([feature_vector(_at(f, k), names) for _, _, f in rows]))
-                per_arch = float(np.median([feature_cost(f, k) for _, _, f in rows]))
-                add(f"surrogate{n}@{k}[{label}]", "surrogate", pred, per_arch + one_time, anchors=n, steps=k,
-                    features=list(names), one_time_seconds_per_trial=one_time, per_arch_seconds=per_arch)
-        enc = _one_hot(space, [a for a, _, _ in fit] + [a for a, _, _ in rows])
-        from sklearn.linear_model import RidgeCV
-
-        add_model = RidgeCV(alphas=np.logspace(-3, 3, 25)).fit(enc[:n], np.log([g["task_loss"] for _, g, _ in fit]))
-        add(f"additive{n}[encoding]", "surrogate", add_model.predict(enc[n:]), one_time, anchors=n, steps=0,
-            features=["one-hot arch encoding"], one_time_seconds_per_trial=one_time, per_arch_seconds=0.0)
-    out["proxies"] = proxies
+    long_of = {arch_key(a): lg["task_loss"] for a, _, lg in val}
+    out["proxies_test"] = _proxies(rows, design_rows, space, gt_seconds, None) if len(rows) >= 3 else None
+    out["proxies_leave_one_out"] = _proxies(design_rows, design_rows, space, gt_seconds, long_of) \
+        if len(design_rows) >= 5 else None
+    use_test = len(rows) >= 8
+    out["evaluation"] = ("test archs, surrogates fitted on design archs" if use_test else
+                         "leave-one-out over the design archs (each predicted by a fit on the others)")
+    proxies = out["proxies"] = out["proxies_test"] if use_test else out["proxies_leave_one_out"]
+    if not proxies:
+        _write(args, out)
+        return
     affordable = {k: v for k, v in proxies.items() if v["kind"] != "baseline"
                   and v["cost_fraction_of_ground_truth"] <= 0.10}
     best = max(affordable, key=lambda k: affordable[k]["kendall_tau"]) if affordable else None
@@ -136,12 +113,69 @@ def report(args, setup, gt, features, group) -> None:
     ref = max(proxies[k]["kendall_tau"] for k in ("macs", "params", "distill_task@20"))
     out["target_met"] = bool(best and proxies[best]["kendall_tau"] >= 0.85 and proxies[best]["kendall_tau"] > ref)
     out["archs"] = [{"arch": a.to_dict(), "group": group(a), "gt": g, "features": f} for a, g, f in rows]
-    out["design_archs"] = [{"arch": a.to_dict(), "group": group(a), "gt": g, "features": f}
-                           for a, g, f in design_rows]
+    out["design_archs"] = [{"arch": a.to_dict(), "group": group(a), "gt": g, "features": f,
+                            "long": long_of.get(arch_key(a))} for a, g, f in design_rows]
     _write(args, out)
-    print(f"\n{'proxy':44s} {'tau':>6s} {'of GT':>7s}")
+    print(f"\n{'proxy':44s} {'tau':>6s} {'vs long':>7s} {'of GT':>7s}")
     for name, v in sorted(proxies.items(), key=lambda kv: -kv[1]["kendall_tau"]):
-        print(f"{name:44s} {v['kendall_tau']:6.2f} {v['cost_fraction_of_ground_truth']:7.1%}")
+        print(f"{name:44s} {v['kendall_tau']:6.2f} {v.get('kendall_tau_vs_long') or float('nan'):7.2f} "
+              f"{v['cost_fraction_of_ground_truth']:7.1%}")
+
+
+SETS = {"all": FEATURES, "loss@K+new_fraction": ("loss@K", "new_fraction"),
+        "losses+new_fraction": ("loss@0", "loss@K", "new_fraction"), "loss@K+macs": ("loss@K", "macs")}
+
+
+def _proxies(rows: list, design_rows: list, space, gt_seconds: float, long_of: dict | None) -> dict:
+    """Every proxy on ``rows``. With ``long_of`` the rows are the design archs themselves: each surrogate
+    prediction comes from a fit on the other design archs (leave-one-out), and tau against the 5x-longer
+    training is added where it was measured."""
+    from sklearn.linear_model import RidgeCV
+
+    y = np.array([g["task_loss"] for _, g, _ in rows])
+    loo = long_of is not None
+    proxies: dict = {}
+
+    def add(name, kind, scores, seconds, **extra) -> None:
+        entry = {"kind": kind, "kendall_tau": tau(scores, y), "seconds_per_arch": seconds,
+                 "cost_fraction_of_ground_truth": seconds / gt_seconds, **extra}
+        if loo:
+            pairs = [(s, long_of[arch_key(a)]) for s, (a, _, _) in zip(scores, rows, strict=True)
+                     if arch_key(a) in long_of]
+            entry["kendall_tau_vs_long"] = tau(*zip(*pairs, strict=True)) if len(pairs) > 2 else None
+            entry["n_vs_long"] = len(pairs)
+        proxies[name] = entry
+
+    add("params", "baseline", -np.array([f["params"] for _, _, f in rows], float), 0.0)
+    add("macs", "baseline", -np.array([f["macs"] for _, _, f in rows], float), 0.0)
+    for k in (0, 5, 10, 20):
+        add(f"distill_task@{k}", "distill", [f["curve"][str(k)] for _, _, f in rows],
+            float(np.median([feature_cost(f, k) for _, _, f in rows])))
+    fits = ([[r for r in design_rows if r is not row] for row in rows] if loo else
+            {n: design_rows[:n] for n in (4, 6, 8, 10) if len(design_rows) >= n})
+    for n in ([len(design_rows) - 1] if loo else list(fits)):
+        one_time = n * gt_seconds / TRIALS
+        for k in (0, 5, 10, 20):
+            per_arch = float(np.median([feature_cost(f, k) for _, _, f in rows]))
+            for label, names in SETS.items():
+                if k == 0 and "loss@K" in names and "loss@0" not in names:
+                    continue
+                pred = []
+                for i, (_, _, f) in enumerate(rows):
+                    fit = fits[i] if loo else fits[n]
+                    model = fit_ridge([_at(r[2], k) for r in fit], [r[1]["task_loss"] for r in fit], names)
+                    pred.append(float(model.predict(np.array([feature_vector(_at(f, k), names)]))[0]))
+                add(f"surrogate{n}@{k}[{label}]", "surrogate", pred, per_arch + one_time, anchors=n, steps=k,
+                    features=list(names), one_time_seconds_per_trial=one_time, per_arch_seconds=per_arch)
+        pred = []
+        for i, (a, _, _) in enumerate(rows):
+            fit = fits[i] if loo else fits[n]
+            enc = _one_hot(space, [r[0] for r in fit] + [a])
+            model = RidgeCV(alphas=np.logspace(-3, 3, 25)).fit(enc[:-1], np.log([r[1]["task_loss"] for r in fit]))
+            pred.append(float(model.predict(enc[-1:])[0]))
+        add(f"additive{n}[encoding]", "surrogate", pred, one_time, anchors=n, steps=0,
+            features=["one-hot arch encoding"], one_time_seconds_per_trial=one_time, per_arch_seconds=0.0)
+    return proxies
 
 
 def _at(f: dict, k: int) -> dict:
