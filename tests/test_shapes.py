@@ -163,3 +163,16 @@ def test_cli_knows_the_shapes_arch_and_space():
     result = runner.invoke(app, ["space", "count", "nope"])
     assert result.exit_code == 2 and "no shipped space 'nope'" in result.output
     assert "shapes" in runner.invoke(app, ["arch", "list"]).output
+
+
+def test_cli_writes_the_shapes_cache(tmp_path):
+    result = runner.invoke(app, ["data", "shapes", "--out", str(tmp_path / "shapes"), "--per-combination", "2",
+                                 "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    loaded = LatentCache.load(tmp_path / "shapes")
+    expected = shapes_cache(per_combination=2, seed=3)
+    assert torch.equal(loaded.mean, expected.mean) and torch.equal(loaded.labels, expected.labels)
+    assert loaded.captions == expected.captions and loaded.manifest["attributes"]["shape"] == list(ATTRIBUTES["shape"])
+    loaded.check_compatible(get_arch("shapes"))
+    result = runner.invoke(app, ["data", "shapes", "--out", str(tmp_path / "x"), "--per-combination", "0"])
+    assert result.exit_code == 2 and not (tmp_path / "x").exists()
