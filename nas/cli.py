@@ -21,7 +21,7 @@ from rich.table import Table
 
 from nas.redaction import scrub
 from proxies.cost import arch_costs, constraint_filter
-from search_spaces import ConfigError, UNetArch, list_archs, load_arch
+from search_spaces import ConfigError, UNetArch, list_archs, load_arch, space_path
 from search_spaces.space import SearchSpace
 
 app = typer.Typer(
@@ -156,14 +156,15 @@ def _stage_rows(arch: UNetArch, cost: Any) -> list[dict[str, Any]]:
 
 # ---- space -----------------------------------------------------------------------------------------------------
 
-SpaceFile = Annotated[Path, typer.Argument(help="A space YAML, or an experiment YAML with a space: section.")]
+SpaceFile = Annotated[Path, typer.Argument(help="A shipped space's name (digits, shapes, ...), a space YAML, or an "
+                                                "experiment YAML with a space: section.")]
 
 
 @space_app.command("show")
 @user_errors
 def space_show(file: SpaceFile, as_json: JsonFlag = False) -> None:
     """The decisions of a space and their choices."""
-    space = SearchSpace.from_yaml(file)
+    space = SearchSpace.from_yaml(space_path(file))
     info = {"name": space.name, "teacher": space.teacher, "cardinality": space.cardinality(),
             "constraints": space.constraints, "globals": space.globals, "decisions": space.describe()}
     if as_json:
@@ -181,7 +182,7 @@ def space_show(file: SpaceFile, as_json: JsonFlag = False) -> None:
 @user_errors
 def space_count(file: SpaceFile, as_json: JsonFlag = False) -> None:
     """The exact number of distinct architectures in a space (constraints not applied)."""
-    space = SearchSpace.from_yaml(file)
+    space = SearchSpace.from_yaml(space_path(file))
     n = space.cardinality()
     if as_json:
         emit_json({"name": space.name, "cardinality": n})
@@ -199,7 +200,7 @@ def space_sample(
 ) -> None:
     """Random architectures from a space, honouring its cost constraints. ``--json`` prints a list of arch
     dicts; save one to a file and ``arch describe`` (or any later command) takes it."""
-    space = SearchSpace.from_yaml(file)
+    space = SearchSpace.from_yaml(space_path(file))
     rng = random.Random(seed)
     accept = constraint_filter(space.constraints)
     archs = [space.sample(rng, accept=accept) for _ in range(n)]

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from nas.cli import AllowPickle, JsonFlag, app, console, emit_json, user_errors
 from proxies.data import LatentCache, digits_cache, precompute
+from proxies.shapes import shapes_cache
 from search_spaces import ConfigError
 
 data_app = typer.Typer(help="Precompute and inspect cached VAE latents and text embeddings.", no_args_is_help=True)
@@ -140,6 +141,19 @@ def data_digits(out: Annotated[Path, typer.Option(help="Cache folder to write.")
     cache = digits_cache(seed=seed)
     cache.save(out)
     console.print(f"wrote {len(cache)} digits to {out}")
+
+
+@data_app.command("shapes")
+@user_errors
+def data_shapes(out: Annotated[Path, typer.Option(help="Cache folder to write.")],
+                seed: Annotated[int, typer.Option(help="Seed of the rendering jitter and the train/val split.")] = 0,
+                per_combination: Annotated[int, typer.Option(min=1, help="Images per combination of the 96 "
+                                                                        "attribute combinations.")] = 36) -> None:
+    """Write the built-in shapes dataset (rendered, offline; captions like "small red circle top left") as a cache
+    folder, for experiments and training recipes (``data: FOLDER``)."""
+    cache = shapes_cache(per_combination=per_combination, seed=seed)
+    cache.save(out)
+    console.print(f"wrote {len(cache)} shapes to {out}")
 
 
 @data_app.command("show")

@@ -5,7 +5,7 @@ Imports go one way: ``nas`` -> ``proxies`` -> ``search_spaces``; nothing here im
 
 from .arch import BlockSpec, DownStage, MidBlock, UNetArch, UpStage, interleave
 from .errors import ConfigError
-from .registry import get_arch, list_archs, load_arch
+from .registry import get_arch, list_archs, list_spaces, load_arch, space_path
 
 __all__ = [
     "BlockSpec",
@@ -17,7 +17,9 @@ __all__ = [
     "get_arch",
     "interleave",
     "list_archs",
+    "list_spaces",
     "load_arch",
+    "space_path",
 ]
 
 

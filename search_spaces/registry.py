@@ -1,7 +1,8 @@
-"""Reference architectures by name (timm-style): ``get_arch("sd15")``, ``list_archs()``.
+"""Reference architectures and search spaces by name (timm-style): ``get_arch("sd15")``, ``list_archs()``,
+``space_path("digits")``, ``list_spaces()``.
 
-They ship as YAML files in ``search_spaces/archs/`` so that a non-editable install has them and a user can read
-or copy them as a starting point.
+They ship as YAML files in ``search_spaces/archs/`` and ``search_spaces/spaces/`` so that a non-editable install
+has them and a user can read or copy them as a starting point.
 """
 
 from __future__ import annotations
@@ -17,6 +18,30 @@ from .yamlio import load_validated, read_file
 
 def _arch_dir() -> Path:
     return Path(str(resources.files("search_spaces") / "archs"))
+
+
+def _space_dir() -> Path:
+    return Path(str(resources.files("search_spaces") / "spaces"))
+
+
+def list_spaces() -> list[str]:
+    """Names of the shipped search spaces."""
+    return sorted(p.stem for p in _space_dir().glob("*.yaml"))
+
+
+def space_path(ref: str | os.PathLike) -> Path:
+    """The file of a space: a bare name (no ``/``, no ``.yaml``) is a shipped space (``digits``, ``shapes``, ...),
+    anything else a path."""
+    path, name = Path(ref), str(ref)
+    if "/" in name or name.endswith((".yaml", ".yml", ".json")):
+        return path
+    shipped = _space_dir() / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    if path.is_file():  # a space file without a suffix in the working directory
+        return path
+    raise ConfigError(f"no shipped space {name!r} (known: {', '.join(list_spaces())}; or give a file path)",
+                      field="space")
 
 
 def list_archs() -> list[str]:

@@ -17,7 +17,7 @@ import torch
 
 from nas.experiment import Experiment, Objective
 from proxies.cost import arch_costs
-from search_spaces import ConfigError, UNetArch, get_arch, load_arch
+from search_spaces import ConfigError, UNetArch, get_arch, load_arch, space_path
 from search_spaces.space import SearchSpace
 
 
@@ -42,12 +42,7 @@ def load_space(exp: Experiment) -> SearchSpace:
         except ConfigError as exc:
             raise ConfigError(exc.message, field=f"space.{exc.field}" if exc.field else "space") from None
     if "/" not in exp.space and not exp.space.endswith((".yaml", ".yml")):  # a shipped space by name
-        from importlib import resources
-
-        shipped = Path(str(resources.files("search_spaces") / "spaces")) / f"{exp.space}.yaml"
-        if not shipped.is_file():
-            raise ConfigError(f"no shipped space {exp.space!r} (give a file path)", field="space")
-        return SearchSpace.from_yaml(shipped)
+        return SearchSpace.from_yaml(space_path(exp.space))
     return SearchSpace.from_yaml(exp.path(exp.space))
 
 PROXY_TRAIN_ITEMS, PROXY_VAL_ITEMS = 4096, 256  # of a sharded dataset, read into memory for the proxies
