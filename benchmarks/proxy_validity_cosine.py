@@ -4,7 +4,7 @@ The ground-truth protocol is :func:`proxies.quality.fidelity.full_fidelity`: the
 distillation loss, ``--gt-steps`` AdamW steps on a cosine schedule with 10% warm-up that decays to zero, then
 the held-out loss on the whole validation split over 20 timesteps.
 
-1. Teacher and space as in ``proxy_validity.py`` (same seed, same 24 random test archs).
+1. Teacher and space of ``--benchmark`` as in ``proxy_validity.py`` (same seed, same 24 random test archs).
 2. ``--validate`` archs spread over the space (the surrogate's own farthest-point design, both kinds of arch
    included): ground truth, and the same protocol at ``--long-factor`` x the steps. Kendall tau between the two
    rankings is ``ground_truth_validity_tau``.
@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 
 import torch
-from proxy_validity import LR, SPACE
+from proxy_validity import LR
 
-from proxies.data import digits_cache
+from proxies.benchmark import BENCHMARKS, get_benchmark
 from proxies.quality import QualityContext
 from proxies.quality.fidelity import cheap_features, full_fidelity
 from proxies.quality.surrogate import arch_key, design
@@ -58,19 +58,20 @@ def cached(path: Path, make) -> dict:
 
 
 def setup(args) -> tuple[QualityContext, SearchSpace, list[UNetArch], list[UNetArch]]:
-    data = digits_cache(seed=0)
+    bench = get_benchmark(args.benchmark, seed=0)
+    data = bench.data
     ctx = QualityContext(data=data, seed=args.seed, batch_size=64, eval_items=128)
     saved = args.work / "teacher"
     if (saved / "config.json").is_file():
         teacher = load_unet(saved)
     else:
         print(f"training the teacher ({args.teacher_steps} steps)...", flush=True)
-        teacher = ctx.build(get_arch("digits"), seed=args.seed)
+        teacher = ctx.build(get_arch(bench.teacher), seed=args.seed)
         train(teacher, ctx, args.teacher_steps, lr=LR, seed=args.seed)
         save_pretrained(teacher, saved)
     ctx.teacher = teacher.eval()
     ctx.batch_size = args.batch  # the teacher as in proxy_validity.py; students train on batches of --batch
-    space = SearchSpace.from_yaml(SPACE)
+    space = SearchSpace.from_yaml(bench.space)
     ctx.space = space
     rng = random.Random(args.seed)  # the very archs of proxy_validity.py
     tests: list[UNetArch] = []
@@ -143,6 +144,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("main", "design", "long", "report"), required=True)
+    parser.add_argument("--benchmark", choices=BENCHMARKS, default="digits", help="data, teacher and space")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--archs", type=int, default=24)
     parser.add_argument("--gt-steps", type=int, default=200)
@@ -155,9 +157,9 @@ if __name__ == "__main__":
     parser.add_argument("--repeat-indices", type=int, nargs="*", help="design: then repeat these design archs")
     parser.add_argument("--batch", type=int, default=32, help="batch size of every student run (GT and proxies)")
     parser.add_argument("--work", type=Path, default=None,
-                        help="cache folder (default runs/proxy_validity_cosine_seedN)")
+                        help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN)")
     args = parser.parse_args()
-    args.work = args.work or Path("runs") / f"proxy_validity_cosine_seed{args.seed}"
+    args.work = args.work or Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}"
     torch.set_num_threads(1)
     parts = {"main": run_main, "design": run_design, "long": run_long,
              "report": lambda a: report(a, setup, gt, features, group)}

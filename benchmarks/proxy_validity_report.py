@@ -56,9 +56,11 @@ def report(args, setup, gt, features, group) -> None:
     w = args.work
     gfile = lambda a, s, seed: _read(w / f"gt-{arch_key(a)}-{s}-{seed}.json")  # noqa: E731
     ffile = lambda a: _read(w / f"feat-{arch_key(a)}.json")  # noqa: E731
-    out: dict = {"n_archs": 0, "seed": args.seed, "gt_steps": args.gt_steps, "gt_init": "inherit",
+    out: dict = {"benchmark_name": args.benchmark, "n_archs": 0, "seed": args.seed, "gt_steps": args.gt_steps,
+                 "gt_init": "inherit", "batch": args.batch,
                  "gt_protocol": "BK-SDM distillation from inherited weights, AdamW lr 1e-3, cosine to zero after "
-                                "10% linear warm-up; held-out loss on the whole validation split x 20 timesteps",
+                                "10% linear warm-up, batches of --batch; held-out loss on the whole validation split "
+                                "x 20 timesteps",
                  "teacher_steps": args.teacher_steps, "threads": 1, "trials_amortised_over": TRIALS}
 
     # 1. validity against 5x longer training
@@ -75,7 +77,7 @@ def report(args, setup, gt, features, group) -> None:
 
     # 2. repeat noise
     reps = [(gfile(a, args.gt_steps, args.seed), gfile(a, args.gt_steps, args.seed + 1000))
-            for a in anchors[: args.repeat]]
+            for a in anchors]
     reps = [(x, y) for x, y in reps if x and y]
     rows = [(a, gfile(a, args.gt_steps, args.seed), ffile(a)) for a in tests if arch_key(a) not in
             {arch_key(b) for b in anchors}]
@@ -196,5 +198,6 @@ def _write(args, out: dict) -> None:
     for key in ("ground_truth_validity_tau", "ground_truth_repeat_tau", "ground_truth_tau_ceiling",
                 "ground_truth_pairs_tied_within_noise", "n_archs", "best_proxy_within_10_percent", "target_met"):
         print(f"{key}: {out.get(key)}")
-    suffix = "" if args.seed == 0 else f"_seed{args.seed}"
+    suffix = "" if args.benchmark == "digits" else f"_{args.benchmark}"
+    suffix += "" if args.seed == 0 else f"_seed{args.seed}"
     print(f"wrote {write_result(f'proxy_validity_cosine{suffix}', out)}")

@@ -53,7 +53,7 @@ def _run(cache: str, options: dict = OPTIONS) -> subprocess.Popen:
 
 
 def _score(proc: subprocess.Popen) -> float:
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=900)  # a hang guard: loaded 2-core machines are slow
     assert proc.returncode == 0, err
     return json.loads(out.splitlines()[-1])["score"]
 
@@ -75,7 +75,7 @@ def test_killed_one_time_work_resumes_to_the_uninterrupted_result(tmp_path):
     """A run killed with SIGKILL after its first anchor, then run again, equals an uninterrupted run."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     first, victim = _run(str(whole)), _run(str(cut))
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900
     while not list(cut.glob("surrogate/*/anchor-000.json")):
         assert time.monotonic() < deadline and victim.poll() is None, victim.communicate()
         time.sleep(0.02)
