@@ -3,6 +3,7 @@ resumed after SIGKILL, bad options refused in the experiment file with exit code
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -121,3 +122,14 @@ def test_bad_option_in_experiment_file_is_file_line_field_and_exit_2(tmp_path):
     assert res.exit_code == 2, res.output
     assert f"{exp}:7: objectives[1].anchors: must be an integer >= 3" in " ".join(res.output.split())
     assert "Traceback" not in res.output and not (tmp_path / "runs").exists()
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from proxies.quality.train import lr_factor
+
+    f = [lr_factor(i, 100, "cosine", warmup=0.1) for i in range(100)]
+    assert f[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert f[10] == 1.0 and all(a >= b for a, b in itertools.pairwise(f[10:])) and f[-1] < 1e-3
+    assert lr_factor(57, 100) == 1.0
+    with pytest.raises(ValueError):
+        lr_factor(0, 10, "linear")
