@@ -136,6 +136,8 @@ def _proxies(rows: list, design_rows: list, space, gt_seconds: float, long_of: d
 
     y = np.array([g["task_loss"] for _, g, _ in rows])
     loo = long_of is not None
+    # costs are ratios of times measured under the same machine load: these rows' own ground-truth runs
+    gt_seconds = float(np.median([g["seconds"] for _, g, _ in rows]))
     proxies: dict = {}
 
     def add(name, kind, scores, seconds, **extra) -> None:
