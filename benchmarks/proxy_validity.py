@@ -1,21 +1,22 @@
 """How well does each quality proxy rank U-Net architectures? Ground truth from real training, on the CPU.
 
-1. Train the ``digits`` teacher on scikit-learn's digits (``proxies.data.digits_cache``).
-2. Sample ``--archs`` distinct architectures from ``search_spaces/spaces/digits.yaml``.
+1. Train the ``--benchmark``'s teacher on its data (``proxies.benchmark.get_benchmark``): ``digits``,
+   scikit-learn's digits, or ``shapes``, rendered shapes with compositional captions (``proxies.shapes``).
+2. Sample ``--archs`` distinct architectures from its space (``search_spaces/spaces/<benchmark>.yaml``).
 3. Ground truth per arch: train for ``--gt-steps`` steps the way a found arch is trained (``--gt-init inherit``,
    the default: the teacher's weights, BK-SDM's distillation loss) or from scratch (``fresh``); measure the
-   held-out denoising loss on the whole validation split over 20 timesteps, and sample quality: the accuracy of
-   a digit classifier (logistic regression on the real digits) on 100 generated samples (DDIM, trailing
-   spacing, rescaled CFG).
+   held-out denoising loss on the whole validation split over 20 timesteps, and sample quality: the mean
+   accuracy of attribute classifiers (logistic regression on the real images; digits: the digit, shapes:
+   colour, shape, size, position) on generated samples (DDIM, trailing spacing, rescaled CFG).
 4. Repeatability of the ground truth: retrain ``--repeat`` archs with another data-order seed; Kendall tau
    between the two runs.
 5. Every proxy on every arch, with its cost in seconds and as a fraction of one ground-truth run (training plus
    held-out evaluation). Proxies that train do so for at most 1/10 of the ground truth's steps, so none is a
    near-copy of the ground-truth procedure. Baselines: params and MACs ("bigger is better").
 
-    python benchmarks/proxy_validity.py [--seed 0] [--archs 24] [--gt-steps 200]
+    python benchmarks/proxy_validity.py [--benchmark digits] [--seed 0] [--archs 24] [--gt-steps 200]
 
-Writes ``benchmarks/results/proxy_validity[_seedN].json`` and a plot beside it.
+Writes ``benchmarks/results/proxy_validity[_shapes][_seedN].json`` and a plot beside it.
 """
 
 from __future__ import annotations
@@ -29,31 +30,24 @@ import numpy as np
 import torch
 from common import RESULTS, save_figure, write_result
 from scipy.stats import kendalltau, spearmanr
-from sklearn.linear_model import LogisticRegression
 
+from proxies.benchmark import BENCHMARKS, get_benchmark
 from proxies.cost import arch_costs
-from proxies.data import HashTextEncoder, digit_caption, digits_cache
 from proxies.quality import QualityContext, evaluate, make_proxy
-from proxies.quality.sampling import generate
 from proxies.quality.train import train
 from search_spaces import get_arch
 from search_spaces.inherit import inherit_weights
 from search_spaces.space import SearchSpace
 
-SPACE = Path(__file__).parents[1] / "search_spaces" / "spaces" / "digits.yaml"
 LR = 2e-3
 
 
-def sample_accuracy(model, ctx, clf, seed: int) -> float:
-    encoder = HashTextEncoder(ctx.data.text.shape[-1], ctx.data.text.shape[1])
-    labels = torch.arange(10).repeat(10)
-    text = encoder([digit_caption(int(y)) for y in labels])
-    x = generate(model, text, encoder([""]), ctx.scheduler, ctx.data.latent_shape,
-                 generator=torch.Generator().manual_seed(seed))
-    return float((clf.predict(x.clamp(-1, 1).reshape(len(labels), -1).numpy()) == labels.numpy()).mean())
+def sample_accuracy(model, ctx, bench, seed: int) -> float:
+    """Mean attribute accuracy of the model's samples for the benchmark's prompts."""
+    return bench.sample_quality(model, ctx.scheduler, seed)["sample_accuracy"]
 
 
-def ground_truth(arch, ctx, gt_ctx, clf, steps: int, data_seed: int, init: str) -> dict:
+def ground_truth(arch, ctx, gt_ctx, bench, steps: int, data_seed: int, init: str) -> dict:
     start = time.perf_counter()
     model = ctx.build(arch, seed=ctx.seed)
     if init == "inherit":
@@ -63,11 +57,12 @@ def ground_truth(arch, ctx, gt_ctx, clf, steps: int, data_seed: int, init: str) 
         train(model, ctx, steps, lr=LR, seed=data_seed)
     task_loss = evaluate(model, gt_ctx)["task_loss"]
     seconds = time.perf_counter() - start  # training and held-out evaluation, like the proxies' own runs
-    return {"task_loss": task_loss, "sample_accuracy": sample_accuracy(model, ctx, clf, 7), "seconds": seconds}
+    return {"task_loss": task_loss, "sample_accuracy": sample_accuracy(model, ctx, bench, 7), "seconds": seconds}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmark", choices=BENCHMARKS, default="digits", help="data, teacher and space")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--archs", type=int, default=24)
     parser.add_argument("--gt-steps", type=int, default=200)
@@ -80,23 +75,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    data = digits_cache(seed=0)
+    bench = get_benchmark(args.benchmark, seed=0)
+    data = bench.data
     ctx = QualityContext(data=data, seed=args.seed, batch_size=64, eval_items=128)
-    train_split = data.split("train")
-    clf = LogisticRegression(max_iter=3000).fit(train_split.mean.reshape(len(train_split), -1).numpy(),
-                                                train_split.labels.numpy())
     val = data.split("val")
-    clf_acc = clf.score(val.mean.reshape(len(val), -1).numpy(), val.labels.numpy())
 
     print(f"training the teacher ({args.teacher_steps} steps)...", flush=True)
-    teacher = ctx.build(get_arch("digits"), seed=args.seed)
+    teacher = ctx.build(get_arch(bench.teacher), seed=args.seed)
     train(teacher, ctx, args.teacher_steps, lr=LR, seed=args.seed)
     ctx.teacher = teacher.eval()
     gt_ctx = QualityContext(data=data, seed=args.seed, teacher=ctx.teacher, eval_items=len(val), eval_timesteps=20)
-    teacher_eval = {**evaluate(teacher, ctx), "sample_accuracy": sample_accuracy(teacher, ctx, clf, 7)}
+    teacher_eval = {**evaluate(teacher, ctx), **bench.sample_quality(teacher, ctx.scheduler, 7)}
     print(f"teacher: {teacher_eval}", flush=True)
 
-    space = SearchSpace.from_yaml(SPACE)
+    space = SearchSpace.from_yaml(bench.space)
     rng = random.Random(args.seed)
     archs: list = []
     while len(archs) < args.archs:
@@ -114,7 +106,7 @@ def main() -> None:
     twins = {f"distill_task@{quick}": f"distill_kd@{quick}"}
     rows = []
     for i, arch in enumerate(archs):
-        gt = ground_truth(arch, ctx, gt_ctx, clf, args.gt_steps, data_seed=args.seed, init=args.gt_init)
+        gt = ground_truth(arch, ctx, gt_ctx, bench, args.gt_steps, data_seed=args.seed, init=args.gt_init)
         cost = arch_costs(arch, batch=1, text_len=data.text.shape[1])
         row = {"arch": arch.to_dict(), "gt": gt, "params": cost.params, "macs": cost.macs, "proxies": {}}
         for proxy in proxies:
@@ -131,7 +123,7 @@ def main() -> None:
 
     repeat = []
     for arch in archs[: args.repeat]:
-        repeat.append(ground_truth(arch, ctx, gt_ctx, clf, args.gt_steps, data_seed=args.seed + 1000,
+        repeat.append(ground_truth(arch, ctx, gt_ctx, bench, args.gt_steps, data_seed=args.seed + 1000,
                                    init=args.gt_init)["task_loss"])
     first = [r["gt"]["task_loss"] for r in rows[: args.repeat]]
     repeat_tau = float(kendalltau(first, repeat).statistic) if args.repeat > 2 else None
@@ -176,22 +168,24 @@ def main() -> None:
     print(f"best distillation proxy {best}: target (tau >= 0.8, >= baselines, > zero-cost) "
           f"{'met' if target else 'NOT met'}")
 
-    suffix = "" if args.seed == 0 else f"_seed{args.seed}"
+    suffix = "" if args.benchmark == "digits" else f"_{args.benchmark}"
+    suffix += "" if args.seed == 0 else f"_seed{args.seed}"
     suffix += "" if args.gt_init == "inherit" else "_fresh_gt"
     plot = RESULTS / f"proxy_validity{suffix}.png"
-    _plot(results, plot)
+    _plot(results, plot, args.benchmark)
     path = write_result(f"proxy_validity{suffix}", {
-        "n_archs": len(rows), "seed": args.seed, "gt_steps": args.gt_steps, "gt_init": args.gt_init,
-        "teacher_steps": args.teacher_steps,
+        "benchmark": args.benchmark, "n_archs": len(rows), "seed": args.seed, "gt_steps": args.gt_steps,
+        "gt_init": args.gt_init, "teacher_steps": args.teacher_steps,
         "threads": args.threads, "ground_truth_repeat_tau": repeat_tau, "ground_truth_repeat_n": args.repeat,
-        "ground_truth_seconds_per_arch": gt_seconds, "digit_classifier_accuracy_on_real": clf_acc,
+        "ground_truth_seconds_per_arch": gt_seconds,
+        "classifier_accuracy_on_real": bench.classifier.real_accuracy,
         "teacher": teacher_eval, "budget_rule_met": honest, "best_distill_proxy": best, "target_met": target,
         "proxies": results, "archs": rows, "wall_seconds": time.perf_counter() - t_start, "plot": plot.name,
     })
     print(f"wrote {path} and {plot}")
 
 
-def _plot(results: dict, path: Path) -> None:
+def _plot(results: dict, path: Path, benchmark: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,7 +201,7 @@ def _plot(results: dict, path: Path) -> None:
     ax.set_xlabel("cost per arch / one ground-truth training run (baselines plotted at 1e-4)")
     ax.set_ylabel("Kendall tau vs held-out loss after training")
     ax.axhline(0, color="black", lw=0.5)
-    ax.set_title("Quality proxies on the digits space (CPU)")
+    ax.set_title(f"Quality proxies on the {benchmark} space (CPU)")
     for kind, c in colours.items():
         ax.scatter([], [], color=c, label=kind)
     ax.legend(fontsize=8)

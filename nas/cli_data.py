@@ -145,6 +145,21 @@ def data_digits(out: Annotated[Path, typer.Option(help="Cache folder to write.")
     console.print(f"wrote {len(cache)} digits to {out}")
 
 
+@data_app.command("shapes")
+@user_errors
+def data_shapes(out: Annotated[Path, typer.Option(help="Cache folder to write.")],
+                seed: Annotated[int, typer.Option(help="Seed of the rendering jitter and the train/val split.")] = 0,
+                per_combination: Annotated[int, typer.Option(min=1, help="Images per combination of the 96 "
+                                                                        "attribute combinations.")] = 36) -> None:
+    """Write the built-in shapes dataset (rendered, offline; captions like "small red circle top left") as a cache
+    folder, for experiments and training recipes (``data: FOLDER``)."""
+    from proxies.shapes import shapes_cache
+
+    cache = shapes_cache(per_combination=per_combination, seed=seed)
+    cache.save(out)
+    console.print(f"wrote {len(cache)} shapes to {out}")
+
+
 @data_app.command("show")
 @user_errors
 def data_show(cache_dir: Annotated[str, typer.Argument(help="A cache folder, or a sharded dataset (folder or "

@@ -52,10 +52,14 @@ class HashTextEncoder:
         self.max_len = max_len
         pos = np.arange(max_len)[:, None] / np.power(100.0, np.arange(dim)[None, :] / dim)
         self._pos = 0.1 * np.where(np.arange(dim) % 2 == 0, np.sin(pos), np.cos(pos))
+        self._words: dict[str, np.ndarray] = {}  # a caption set repeats a few words thousands of times
 
     def word(self, word: str) -> np.ndarray:
-        seed = int.from_bytes(hashlib.sha256(word.lower().encode()).digest()[:4], "little")
-        return np.random.default_rng(seed).standard_normal(self.dim) / np.sqrt(self.dim)
+        key = word.lower()
+        if key not in self._words:
+            seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+            self._words[key] = np.random.default_rng(seed).standard_normal(self.dim) / np.sqrt(self.dim)
+        return self._words[key]
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         out = np.zeros((len(texts), self.max_len, self.dim))

@@ -15,12 +15,14 @@ __all__ = [
     "get_arch",
     "interleave",
     "list_archs",
+    "list_spaces",
     "load_arch",
+    "space_path",
 ]
 
 
 _ARCH = ("BlockSpec", "DownStage", "MidBlock", "UNetArch", "UpStage", "interleave")
-_REGISTRY = ("get_arch", "list_archs", "load_arch")
+_REGISTRY = ("get_arch", "list_archs", "list_spaces", "load_arch", "space_path")
 
 
 def __getattr__(name: str):

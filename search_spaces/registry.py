@@ -1,7 +1,8 @@
-"""Reference architectures by name (timm-style): ``get_arch("sd15")``, ``list_archs()``.
+"""Reference architectures and search spaces by name (timm-style): ``get_arch("sd15")``, ``list_archs()``,
+``space_path("digits")``, ``list_spaces()``.
 
-They ship as YAML files in ``search_spaces/archs/`` so that a non-editable install has them and a user can read
-or copy them as a starting point.
+They ship as YAML files in ``search_spaces/archs/`` and ``search_spaces/spaces/`` so that a non-editable install
+has them and a user can read or copy them as a starting point.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 
 from nas.experiment import Experiment, Objective
 from proxies.cost import arch_costs
-from search_spaces import ConfigError, UNetArch, get_arch, load_arch
+from search_spaces import ConfigError, UNetArch, get_arch, load_arch, space_path
 from search_spaces.space import SearchSpace
 
 
@@ -42,20 +42,15 @@ def load_space(exp: Experiment) -> SearchSpace:
         except ConfigError as exc:
             raise ConfigError(exc.message, field=f"space.{exc.field}" if exc.field else "space") from None
     if "/" not in exp.space and not exp.space.endswith((".yaml", ".yml")):  # a shipped space by name
-        from importlib import resources
-
-        shipped = Path(str(resources.files("search_spaces") / "spaces")) / f"{exp.space}.yaml"
-        if not shipped.is_file():
-            raise ConfigError(f"no shipped space {exp.space!r} (give a file path)", field="space")
-        return SearchSpace.from_yaml(shipped)
+        return SearchSpace.from_yaml(space_path(exp.space))
     return SearchSpace.from_yaml(exp.path(exp.space))
 
 PROXY_TRAIN_ITEMS, PROXY_VAL_ITEMS = 4096, 256  # of a sharded dataset, read into memory for the proxies
 
 
 class Evaluator:
-    """Scores archs for one experiment. ``prepare()`` does the one-time work (teacher, profile) and is safe to
-    call again: it reuses what the run folder already holds."""
+    """Scores archs for one experiment. ``prepare()`` does the one-time work (teacher, profile, a surrogate
+    proxy's full-fidelity runs) and is safe to call again: it reuses what the run folder already holds."""
 
     def __init__(self, exp: Experiment, log: Any = None, allow_pickle: bool = False):
         self.exp = exp
@@ -96,8 +91,11 @@ class Evaluator:
         self.check()
         for obj in self.exp.objectives:
             if obj.kind == "quality":
-                self._quality_context()
-                self._proxies[obj.name] = self._make_proxy(obj)
+                ctx = self._quality_context()
+                proxy = self._proxies[obj.name] = self._make_proxy(obj)
+                if hasattr(proxy, "fit"):  # one-time work (the surrogate's anchors): cached in the run folder,
+                    self.log(f"{obj.name}: one-time work of the {proxy.name} proxy (cached, resumable)")
+                    proxy.fit(ctx)  # done by one process of the machine while the others wait for it
             elif obj.kind == "latency":
                 self._predictors[obj.name] = self._predictor(obj)
         for c in self.exp.constraints:
@@ -129,7 +127,8 @@ class Evaluator:
             data = ShardedDataset(where).in_memory(train=PROXY_TRAIN_ITEMS, val=PROXY_VAL_ITEMS)
         else:
             data = LatentCache.load(where)
-        ctx = QualityContext(data=data, seed=self.exp.seed, device=self.exp.device)
+        ctx = QualityContext(data=data, seed=self.exp.seed, device=self.exp.device, space=self.space,
+                             cache_dir=self.exp.run_dir)
         if self.exp.teacher is not None:
             ctx.teacher = self._teacher(ctx)
         self._ctx = ctx

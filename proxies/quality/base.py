@@ -11,6 +11,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +34,8 @@ def make_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
 @dataclass
 class QualityContext:
     """What a proxy may use. ``micro_batch`` splits each batch to bound memory (gradients accumulate);
-    ``gradient_checkpointing`` trades compute for memory on big models."""
+    ``gradient_checkpointing`` trades compute for memory on big models. ``space`` and ``cache_dir`` serve
+    proxies with one-time work (the surrogate chooses its anchor archs in the space and caches its runs)."""
 
     data: LatentCache
     teacher: nn.Module | None = None
@@ -45,6 +47,8 @@ class QualityContext:
     eval_items: int = 256
     eval_timesteps: int = 10
     scheduler: DDPMScheduler = field(default_factory=make_scheduler)
+    space: Any = None
+    cache_dir: Path | None = None
 
     def build(self, arch: UNetArch, seed: int | None = None) -> FlexibleUNet2DConditionModel:
         """A freshly initialised model for ``arch`` (deterministic under the seed) on the context's device."""

@@ -8,6 +8,7 @@ maps have the same shape take part.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any
 
@@ -54,14 +55,30 @@ def capture(model: nn.Module, names: list[str]):
             h.remove()
 
 
+def lr_factor(step: int, steps: int, schedule: str = "constant", warmup: float = 0.0) -> float:
+    """The learning-rate multiplier before optimiser step ``step`` (0-based) of ``steps``: ``constant``, or
+    ``cosine`` (linear warm-up over the first ``warmup`` fraction, then a cosine decay to zero), which makes the
+    end of a run a converged point rather than a sample of a noisy constant-rate trajectory."""
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}")
+    ramp = round(warmup * steps)
+    if step < ramp:
+        return (step + 1) / ramp
+    return 0.5 * (1.0 + math.cos(math.pi * (step - ramp) / max(1, steps - ramp)))
+
+
 def train(model: nn.Module, ctx: QualityContext, steps: int, lr: float = 1e-3, seed: int | None = None,
           teacher: nn.Module | None = None, feature_kd: bool = True, report: Report | None = None,
-          eval_every: int = 0) -> dict[str, Any]:
+          eval_every: int = 0, schedule: str = "constant", warmup: float = 0.0) -> dict[str, Any]:
     """Train ``model`` for ``steps`` AdamW steps on the context's training split. With a teacher, BK-SDM's
     distillation loss. ``report(step, held-out loss)`` is called every ``eval_every`` steps; if it returns True
-    the run stops early. Deterministic under ``seed`` (default: the context's)."""
+    the run stops early. ``schedule``/``warmup``: see :func:`lr_factor`. Deterministic under ``seed`` (default:
+    the context's)."""
     g = torch.Generator().manual_seed(ctx.seed if seed is None else seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, steps, schedule, warmup))
     pairs = paired_stages(model, teacher) if (teacher is not None and feature_kd) else []
     if teacher is not None:
         teacher.eval().requires_grad_(False)
@@ -91,6 +108,7 @@ def train(model: nn.Module, ctx: QualityContext, steps: int, lr: float = 1e-3, s
             (loss * weight).backward()
             total += loss.item() * weight
         opt.step()
+        sched.step()
         if not torch.isfinite(torch.tensor(total)):
             raise FloatingPointError(f"training loss became {total} at step {step}")
         losses.append(total)

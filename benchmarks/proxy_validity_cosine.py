@@ -1,0 +1,166 @@
+"""A ground truth validated against 5x longer training, its repeat noise, and the multi-fidelity surrogate.
+
+The ground-truth protocol is :func:`proxies.quality.fidelity.full_fidelity`: the teacher's weights, BK-SDM's
+distillation loss, ``--gt-steps`` AdamW steps on a cosine schedule with 10% warm-up that decays to zero, then
+the held-out loss on the whole validation split over 20 timesteps.
+
+1. Teacher and space of ``--benchmark`` as in ``proxy_validity.py`` (same seed, same 24 random test archs).
+2. ``--validate`` archs spread over the space (the surrogate's own farthest-point design, both kinds of arch
+   included): ground truth, and the same protocol at ``--long-factor`` x the steps. Kendall tau between the two
+   rankings is ``ground_truth_validity_tau``.
+3. Repeat noise: the first ``--repeat`` design archs again with another data-order seed; the per-run noise, the
+   share of arch pairs whose difference is within noise, and the tau two repeat ground truths would reach.
+4. Every arch's cheap features (inheritance plus 20 distillation steps, held-out loss at 0/5/10/20).
+5. Proxies on the test archs only (never an anchor): MACs, params, ``distill_task@K``, and the surrogate fitted
+   on the first n design archs' ground truth (its one-time cost, n ground-truth runs, divided by 200 trials and
+   added to the per-arch cost), for several n, K and feature sets; also an additive model on the arch encoding.
+
+Parts run separately and share a work folder (every run cached as it finishes, so a cut-off run keeps its
+data): ``--part main`` (design, repeats, test archs), ``--part long`` (the 5x runs), ``--part report``.
+
+    python benchmarks/proxy_validity_cosine.py --part main & python benchmarks/proxy_validity_cosine.py --part long
+    python benchmarks/proxy_validity_cosine.py --part report
+
+Writes ``benchmarks/results/proxy_validity_cosine[_seedN].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from proxy_validity import LR
+
+from proxies.benchmark import BENCHMARKS, get_benchmark
+from proxies.quality import QualityContext
+from proxies.quality.fidelity import cheap_features, full_fidelity
+from proxies.quality.surrogate import arch_key, design
+from proxies.quality.train import train
+from search_spaces import UNetArch, get_arch
+from search_spaces.checkpoints import load_unet, save_pretrained
+from search_spaces.space import SearchSpace
+from search_spaces.yamlio import atomic_write
+
+CHECKPOINTS = (5, 10, 20)
+TRIALS = 200  # one-time costs are divided by this many trials
+
+
+def cached(path: Path, make) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = make()
+    atomic_write(path, json.dumps(value, indent=1) + "\n")
+    return value
+
+
+def setup(args) -> tuple[QualityContext, SearchSpace, list[UNetArch], list[UNetArch]]:
+    bench = get_benchmark(args.benchmark, seed=0)
+    data = bench.data
+    ctx = QualityContext(data=data, seed=args.seed, batch_size=64, eval_items=128)
+    saved = args.work / "teacher"
+    if (saved / "config.json").is_file():
+        teacher = load_unet(saved)
+    else:
+        print(f"training the teacher ({args.teacher_steps} steps)...", flush=True)
+        teacher = ctx.build(get_arch(bench.teacher), seed=args.seed)
+        train(teacher, ctx, args.teacher_steps, lr=LR, seed=args.seed)
+        save_pretrained(teacher, saved)
+    ctx.teacher = teacher.eval()
+    ctx.batch_size = args.batch  # the teacher as in proxy_validity.py; students train on batches of --batch
+    space = SearchSpace.from_yaml(bench.space)
+    ctx.space = space
+    rng = random.Random(args.seed)  # the very archs of proxy_validity.py
+    tests: list[UNetArch] = []
+    while len(tests) < args.archs:
+        a = space.sample(rng)
+        if a not in tests:
+            tests.append(a)
+    anchors = design(space, args.validate, args.seed, text_len=data.text.shape[1])
+    return ctx, space, anchors, tests
+
+
+def gt(args, ctx, arch, steps, data_seed) -> dict:
+    path = args.work / f"gt-{arch_key(arch)}-{steps}-{data_seed}.json"
+    return cached(path, lambda: {"arch": arch.to_dict(), **full_fidelity(arch, ctx, steps, seed=data_seed)})
+
+
+def features(args, ctx, arch) -> dict:
+    def make():
+        f = cheap_features(arch, ctx, max(CHECKPOINTS), eval_items=args.feature_eval_items, checkpoints=CHECKPOINTS)
+        t = time.perf_counter()  # one held-out evaluation's cost, to price each K as if measured alone
+        cheap_features(arch, ctx, 0, eval_items=args.feature_eval_items)
+        f["eval_seconds"] = time.perf_counter() - t
+        return {"arch": arch.to_dict(), **f}
+    return cached(args.work / f"feat-{arch_key(arch)}.json", make)
+
+
+def group(arch: UNetArch) -> str:
+    """``broken``: the first down stage keeps one ResNet, so the last up stage loses one and its skip."""
+    return "broken" if arch.down[0].resnets == 1 else "kept"
+
+
+def run_main(args) -> None:
+    ctx, _, anchors, tests = setup(args)
+    for i, a in enumerate(anchors):
+        g = gt(args, ctx, a, args.gt_steps, args.seed)
+        features(args, ctx, a)
+        print(f"design {i}: {group(a)} gt {g['task_loss']:.4f} ({g['seconds']:.0f}s)", flush=True)
+    for i, a in enumerate(anchors[: args.repeat]):
+        g = gt(args, ctx, a, args.gt_steps, args.seed + 1000)
+        print(f"repeat {i}: gt {g['task_loss']:.4f}", flush=True)
+    for i, a in enumerate(tests):
+        g = gt(args, ctx, a, args.gt_steps, args.seed)
+        f = features(args, ctx, a)
+        print(f"test {i}: {group(a)} gt {g['task_loss']:.4f} loss@20 {f['loss@K']:.4f} ({g['seconds']:.0f}s)",
+              flush=True)
+
+
+def run_design(args) -> None:
+    """Ground truth and features of some design archs, then repeats of some (a helper beside ``main``)."""
+    ctx, _, anchors, _ = setup(args)
+    for i in args.indices or range(len(anchors)):
+        g = gt(args, ctx, anchors[i], args.gt_steps, args.seed)
+        features(args, ctx, anchors[i])
+        print(f"design {i}: {group(anchors[i])} gt {g['task_loss']:.4f} ({g['seconds']:.0f}s)", flush=True)
+    for i in args.repeat_indices or ():
+        g = gt(args, ctx, anchors[i], args.gt_steps, args.seed + 1000)
+        print(f"repeat {i}: gt {g['task_loss']:.4f}", flush=True)
+
+
+def run_long(args) -> None:
+    ctx, _, anchors, _ = setup(args)
+    for i in args.indices or range(len(anchors)):  # several processes may share the list, each its own indices
+        a = anchors[i]
+        g = gt(args, ctx, a, args.gt_steps * args.long_factor, args.seed)
+        print(f"long {i}: {group(a)} gt {g['task_loss']:.4f} ({g['seconds']:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    from proxy_validity_report import report
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("main", "design", "long", "report"), required=True)
+    parser.add_argument("--benchmark", choices=BENCHMARKS, default="digits", help="data, teacher and space")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--archs", type=int, default=24)
+    parser.add_argument("--gt-steps", type=int, default=200)
+    parser.add_argument("--long-factor", type=int, default=5)
+    parser.add_argument("--validate", type=int, default=10, help="design archs: 5x validation, surrogate anchors")
+    parser.add_argument("--repeat", type=int, default=6)
+    parser.add_argument("--teacher-steps", type=int, default=400)
+    parser.add_argument("--feature-eval-items", type=int, default=64)
+    parser.add_argument("--indices", type=int, nargs="*", help="long, design: only these design archs, in order")
+    parser.add_argument("--repeat-indices", type=int, nargs="*", help="design: then repeat these design archs")
+    parser.add_argument("--batch", type=int, default=32, help="batch size of every student run (GT and proxies)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN)")
+    args = parser.parse_args()
+    args.work = args.work or Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}"
+    torch.set_num_threads(1)
+    parts = {"main": run_main, "design": run_design, "long": run_long,
+             "report": lambda a: report(a, setup, gt, features, group)}
+    parts[args.part](args)

@@ -1,0 +1,205 @@
+"""The analysis half of ``proxy_validity_cosine.py``: reads the cached runs (whatever is finished), computes the
+ground truth's validity and repeat noise and every proxy's tau on the test archs, and writes the result JSON."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from common import write_result
+from scipy.stats import kendalltau
+
+from proxies.quality.fidelity import FEATURES, feature_vector
+from proxies.quality.surrogate import arch_key, fit_ridge
+
+TRIALS = 200
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def tau(a, b) -> float:
+    return float(kendalltau(a, b).statistic)
+
+
+def noise_figures(first: list[float], second: list[float], all_losses: list[float], rng_seed: int = 0) -> dict:
+    """Per-run noise of log loss from repeat pairs, pairs tied within noise, and the tau ceiling it implies."""
+    d = np.log(first) - np.log(second)
+    sigma = float(math.sqrt(np.mean(d ** 2) / 2))  # each run's own spread (a difference has twice the variance)
+    logs = np.log(all_losses)
+    pairs = list(itertools.combinations(range(len(logs)), 2))
+    ties = sum(abs(logs[i] - logs[j]) < 1.96 * math.sqrt(2) * sigma for i, j in pairs) / len(pairs)
+    rng = np.random.default_rng(rng_seed)  # two noisy replicates of the same truth: how well they can agree
+    sims = [tau(logs + rng.normal(0, sigma, len(logs)), logs + rng.normal(0, sigma, len(logs))) for _ in range(2000)]
+    return {"ground_truth_repeat_n": len(first), "ground_truth_repeat_tau": tau(first, second),
+            "ground_truth_repeat_sigma_log": sigma,
+            "ground_truth_repeat_abs_rel_diff_max": float(np.max(np.abs(np.expm1(d)))),
+            "ground_truth_pairs_tied_within_noise": ties, "ground_truth_pairs_n": len(pairs),
+            "ground_truth_tau_ceiling": float(np.mean(sims)),
+            "ground_truth_tau_ceiling_p5": float(np.percentile(sims, 5))}
+
+
+def feature_cost(f: dict, k: int) -> float:
+    """Seconds to reach loss@k measured alone: the run's clock at k less the extra evaluations before it."""
+    if k == 0:
+        return f["clock"]["0"]
+    every = 5
+    return f["clock"][str(k)] - (k // every - 1) * f["eval_seconds"]
+
+
+def report(args, setup, gt, features, group) -> None:
+    _, space, anchors, tests = setup(args)
+    w = args.work
+    gfile = lambda a, s, seed: _read(w / f"gt-{arch_key(a)}-{s}-{seed}.json")  # noqa: E731
+    ffile = lambda a: _read(w / f"feat-{arch_key(a)}.json")  # noqa: E731
+    out: dict = {"benchmark_name": args.benchmark, "n_archs": 0, "seed": args.seed, "gt_steps": args.gt_steps,
+                 "gt_init": "inherit", "batch": args.batch,
+                 "gt_protocol": "BK-SDM distillation from inherited weights, AdamW lr 1e-3, cosine to zero after "
+                                "10% linear warm-up, batches of --batch; held-out loss on the whole validation split "
+                                "x 20 timesteps",
+                 "teacher_steps": args.teacher_steps, "threads": 1, "trials_amortised_over": TRIALS}
+
+    # 1. validity against 5x longer training
+    long_steps = args.gt_steps * args.long_factor
+    val = [(a, gfile(a, args.gt_steps, args.seed), gfile(a, long_steps, args.seed)) for a in anchors]
+    val = [(a, g, lg) for a, g, lg in val if g and lg]
+    out["validity"] = [{"arch_key": arch_key(a), "group": group(a), "gt": g["task_loss"], "long": lg["task_loss"],
+                        "gt_seconds": g["seconds"], "long_seconds": lg["seconds"]} for a, g, lg in val]
+    out["ground_truth_validity_n"] = len(val)
+    out["ground_truth_validity_long_steps"] = long_steps
+    out["ground_truth_validity_groups"] = {k: sum(group(a) == k for a, _, _ in val) for k in ("broken", "kept")}
+    out["ground_truth_validity_tau"] = tau([g["task_loss"] for _, g, _ in val],
+                                           [lg["task_loss"] for _, _, lg in val]) if len(val) > 2 else None
+
+    # 2. repeat noise
+    reps = [(gfile(a, args.gt_steps, args.seed), gfile(a, args.gt_steps, args.seed + 1000))
+            for a in anchors]
+    reps = [(x, y) for x, y in reps if x and y]
+    rows = [(a, gfile(a, args.gt_steps, args.seed), ffile(a)) for a in tests if arch_key(a) not in
+            {arch_key(b) for b in anchors}]
+    rows = [(a, g, f) for a, g, f in rows if g and f]
+    design_rows = [(a, gfile(a, args.gt_steps, args.seed), ffile(a)) for a in anchors]
+    design_rows = [(a, g, f) for a, g, f in design_rows if g and f]
+    distinct = {arch_key(b): b for b in anchors + tests}.values()
+    every_gt = [g["task_loss"] for g in (gfile(a, args.gt_steps, args.seed) for a in distinct) if g]
+    if len(reps) > 2 and len(every_gt) > 1:
+        out.update(noise_figures([x["task_loss"] for x, _ in reps], [y["task_loss"] for _, y in reps], every_gt))
+
+    # 3. proxies: on the test archs (surrogates fitted on design archs), and leave-one-out over the design archs
+    out["n_archs"] = len(rows)
+    out["n_design_archs"] = len(design_rows)
+    if not design_rows:
+        _write(args, out)
+        return
+    gt_seconds = float(np.median([g["seconds"] for _, g, _ in rows + design_rows]))
+    out["ground_truth_seconds_per_arch"] = gt_seconds
+    long_of = {arch_key(a): lg["task_loss"] for a, _, lg in val}
+    out["proxies_test"] = _proxies(rows, design_rows, space, gt_seconds, None) if len(rows) >= 3 else None
+    out["proxies_leave_one_out"] = _proxies(design_rows, design_rows, space, gt_seconds, long_of) \
+        if len(design_rows) >= 5 else None
+    use_test = len(rows) >= 8
+    out["evaluation"] = ("test archs, surrogates fitted on design archs" if use_test else
+                         "leave-one-out over the design archs (each predicted by a fit on the others)")
+    proxies = out["proxies"] = out["proxies_test"] if use_test else out["proxies_leave_one_out"]
+    if not proxies:
+        _write(args, out)
+        return
+    affordable = {k: v for k, v in proxies.items() if v["kind"] != "baseline"
+                  and v["cost_fraction_of_ground_truth"] <= 0.10}
+    best = max(affordable, key=lambda k: affordable[k]["kendall_tau"]) if affordable else None
+    out["best_proxy_within_10_percent"] = best
+    ref = max(proxies[k]["kendall_tau"] for k in ("macs", "params", "distill_task@20"))
+    out["target_met"] = bool(best and proxies[best]["kendall_tau"] >= 0.85 and proxies[best]["kendall_tau"] > ref)
+    out["archs"] = [{"arch": a.to_dict(), "group": group(a), "gt": g, "features": f} for a, g, f in rows]
+    out["design_archs"] = [{"arch": a.to_dict(), "group": group(a), "gt": g, "features": f,
+                            "long": long_of.get(arch_key(a))} for a, g, f in design_rows]
+    _write(args, out)
+    print(f"\n{'proxy':44s} {'tau':>6s} {'vs long':>7s} {'of GT':>7s}")
+    for name, v in sorted(proxies.items(), key=lambda kv: -kv[1]["kendall_tau"]):
+        print(f"{name:44s} {v['kendall_tau']:6.2f} {v.get('kendall_tau_vs_long') or float('nan'):7.2f} "
+              f"{v['cost_fraction_of_ground_truth']:7.1%}")
+
+
+SETS = {"all": FEATURES, "loss@K+new_fraction": ("loss@K", "new_fraction"),
+        "losses+new_fraction": ("loss@0", "loss@K", "new_fraction"), "loss@K+macs": ("loss@K", "macs")}
+
+
+def _proxies(rows: list, design_rows: list, space, gt_seconds: float, long_of: dict | None) -> dict:
+    """Every proxy on ``rows``. With ``long_of`` the rows are the design archs themselves: each surrogate
+    prediction comes from a fit on the other design archs (leave-one-out), and tau against the 5x-longer
+    training is added where it was measured."""
+    from sklearn.linear_model import RidgeCV
+
+    y = np.array([g["task_loss"] for _, g, _ in rows])
+    loo = long_of is not None
+    # costs are ratios of times measured under the same machine load: these rows' own ground-truth runs
+    gt_seconds = float(np.median([g["seconds"] for _, g, _ in rows]))
+    proxies: dict = {}
+
+    def add(name, kind, scores, seconds, **extra) -> None:
+        entry = {"kind": kind, "kendall_tau": tau(scores, y), "seconds_per_arch": seconds,
+                 "cost_fraction_of_ground_truth": seconds / gt_seconds, **extra}
+        if loo:
+            pairs = [(s, long_of[arch_key(a)]) for s, (a, _, _) in zip(scores, rows, strict=True)
+                     if arch_key(a) in long_of]
+            entry["kendall_tau_vs_long"] = tau(*zip(*pairs, strict=True)) if len(pairs) > 2 else None
+            entry["n_vs_long"] = len(pairs)
+        proxies[name] = entry
+
+    add("params", "baseline", -np.array([f["params"] for _, _, f in rows], float), 0.0)
+    add("macs", "baseline", -np.array([f["macs"] for _, _, f in rows], float), 0.0)
+    for k in (0, 5, 10, 20):
+        add(f"distill_task@{k}", "distill", [f["curve"][str(k)] for _, _, f in rows],
+            float(np.median([feature_cost(f, k) for _, _, f in rows])))
+    fits = ([[r for r in design_rows if r is not row] for row in rows] if loo else
+            {n: design_rows[:n] for n in (4, 6, 8, 10) if len(design_rows) >= n})
+    for n in ([len(design_rows) - 1] if loo else list(fits)):
+        one_time = n * gt_seconds / TRIALS
+        for k in (0, 5, 10, 20):
+            per_arch = float(np.median([feature_cost(f, k) for _, _, f in rows]))
+            for label, names in SETS.items():
+                if k == 0 and "loss@K" in names and "loss@0" not in names:
+                    continue
+                pred = []
+                for i, (_, _, f) in enumerate(rows):
+                    fit = fits[i] if loo else fits[n]
+                    model = fit_ridge([_at(r[2], k) for r in fit], [r[1]["task_loss"] for r in fit], names)
+                    pred.append(float(model.predict(np.array([feature_vector(_at(f, k), names)]))[0]))
+                add(f"surrogate{n}@{k}[{label}]", "surrogate", pred, per_arch + one_time, anchors=n, steps=k,
+                    features=list(names), one_time_seconds_per_trial=one_time, per_arch_seconds=per_arch)
+        pred = []
+        for i, (a, _, _) in enumerate(rows):
+            fit = fits[i] if loo else fits[n]
+            enc = _one_hot(space, [r[0] for r in fit] + [a])
+            model = RidgeCV(alphas=np.logspace(-3, 3, 25)).fit(enc[:-1], np.log([r[1]["task_loss"] for r in fit]))
+            pred.append(float(model.predict(enc[-1:])[0]))
+        add(f"additive{n}[encoding]", "surrogate", pred, one_time, anchors=n, steps=0,
+            features=["one-hot arch encoding"], one_time_seconds_per_trial=one_time, per_arch_seconds=0.0)
+    return proxies
+
+
+def _at(f: dict, k: int) -> dict:
+    return {**f, "loss@K": f["curve"][str(k)]}
+
+
+def _one_hot(space, archs) -> np.ndarray:
+    rows = []
+    for a in archs:
+        v = []
+        for d, k in zip(space.decisions, space.encode(a), strict=True):
+            v += [1.0 if k == j else 0.0 for j in range(len(d.choices))]
+        rows.append(v)
+    return np.array(rows)
+
+
+def _write(args, out: dict) -> None:
+    for key in ("ground_truth_validity_tau", "ground_truth_repeat_tau", "ground_truth_tau_ceiling",
+                "ground_truth_pairs_tied_within_noise", "n_archs", "best_proxy_within_10_percent", "target_met"):
+        print(f"{key}: {out.get(key)}")
+    suffix = "" if args.benchmark == "digits" else f"_{args.benchmark}"
+    suffix += "" if args.seed == 0 else f"_seed{args.seed}"
+    print(f"wrote {write_result(f'proxy_validity_cosine{suffix}', out)}")

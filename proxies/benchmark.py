@@ -1,0 +1,65 @@
+"""The built-in quality benchmarks by name: data, teacher, space and sample-quality scorer that belong together.
+
+``get_benchmark("digits")`` is scikit-learn's handwritten digits (1 x 8 x 8, one attribute: the digit);
+``get_benchmark("shapes")`` the rendered shapes of :mod:`proxies.shapes` (3 x 16 x 16, four attributes: colour,
+shape, size, position). Each names its teacher arch (``search_spaces/archs/<name>.yaml``) and the block-removal
+and attention-placement space around it (``search_spaces/spaces/<name>.yaml``), and scores a model's samples with
+attribute classifiers fitted on its real training images (:mod:`proxies.quality.attributes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler
+from torch import nn
+
+from search_spaces import ConfigError, space_path
+
+from .data import LatentCache, digit_caption, digits_cache
+from .quality.attributes import AttributeClassifier, sample_quality
+from .shapes import ATTRIBUTES, all_combinations, shape_caption, shapes_cache
+
+BENCHMARKS = ("digits", "shapes")
+
+
+@dataclass
+class Benchmark:
+    """One built-in benchmark. ``prompts`` are the attribute labels sampled to score a model (digits: each digit
+    10 times; shapes: each of the 96 combinations once); ``caption`` turns one row of them into its caption."""
+
+    name: str
+    data: LatentCache
+    teacher: str
+    space: Path
+    caption: Callable[[Any], str]
+    prompts: torch.Tensor
+    classifier: AttributeClassifier
+
+    def sample_quality(self, model: nn.Module, scheduler: DDPMScheduler, seed: int = 7) -> dict[str, Any]:
+        """``sample_accuracy`` (mean attribute accuracy), ``sample_all_correct`` and per-attribute accuracy of
+        the model's samples for :attr:`prompts` (DDIM, 20 steps, rescaled classifier-free guidance)."""
+        return sample_quality(model, self.data, scheduler, self.classifier, self.prompts, self.caption, seed=seed)
+
+
+def get_benchmark(name: str, seed: int = 0) -> Benchmark:
+    """A built-in benchmark by name; ``seed`` shuffles (and, for shapes, renders) the data. The attribute
+    classifiers are fitted here (seconds)."""
+    if name == "digits":
+        data = digits_cache(seed=seed)
+        classifier = AttributeClassifier.fit(data, ["digit"], kind="logistic")
+        prompts = torch.arange(10).repeat(10)
+        caption: Callable[[Any], str] = digit_caption
+    elif name == "shapes":
+        data = shapes_cache(seed=seed)
+        classifier = AttributeClassifier.fit(data, list(ATTRIBUTES), kind="logistic")
+        prompts = all_combinations()
+        caption = shape_caption
+    else:
+        raise ConfigError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})", field="benchmark")
+    return Benchmark(name, data, teacher=name, space=space_path(name), caption=caption, prompts=prompts,
+                     classifier=classifier)

@@ -1,0 +1,135 @@
+"""The multi-fidelity surrogate proxy: deterministic under its seed, its one-time work done once per machine and
+resumed after SIGKILL, bad options refused in the experiment file with exit code 2."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nas.cli import app
+from proxies.quality import make_proxy
+from search_spaces import ConfigError
+
+ROOT = Path(__file__).parents[1]
+OPTIONS = {"anchors": 3, "anchor_steps": 2, "steps": 1, "eval_items": 8, "pool": 8, "anchor_eval_items": 16}
+
+# A tiny run: an untrained digits teacher (distillation works the same), batches of 8, two-step anchors.
+SCRIPT = """
+import json, random, sys
+from pathlib import Path
+import torch
+from proxies.data import digits_cache
+from proxies.quality import QualityContext, make_proxy
+from search_spaces import get_arch
+from search_spaces.space import SearchSpace
+
+
+def score(cache, options):
+    torch.set_num_threads(1)
+    ctx = QualityContext(data=digits_cache(seed=0), seed=3, batch_size=8, eval_items=8,
+                         space=SearchSpace.from_yaml(Path("search_spaces/spaces/digits.yaml")), cache_dir=cache)
+    ctx.teacher = ctx.build(get_arch("digits"), seed=3).eval()
+    return make_proxy("surrogate", **options)(ctx.space.sample(random.Random(5)), ctx).score
+
+
+if __name__ == "__main__":
+    print(json.dumps({"score": score(Path(sys.argv[1]), json.loads(sys.argv[2]))}))
+"""
+
+
+def _run(cache: str, options: dict = OPTIONS) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, cache, json.dumps(options)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+
+
+def _score(proc: subprocess.Popen) -> float:
+    out, err = proc.communicate(timeout=900)  # a hang guard: loaded 2-core machines are slow
+    assert proc.returncode == 0, err
+    return json.loads(out.splitlines()[-1])["score"]
+
+
+def _anchors(folder: Path) -> list[dict]:
+    """The cached anchors without their timings (which differ from run to run)."""
+    files = sorted(next((folder / "surrogate").iterdir()).glob("anchor-*.json"))
+    out = []
+    for f in files:
+        r = json.loads(f.read_text())
+        r["full_fidelity"].pop("seconds")
+        r["features"].pop("seconds")
+        r["features"].pop("clock")
+        out.append(r)
+    return out
+
+
+def test_killed_one_time_work_resumes_to_the_uninterrupted_result(tmp_path):
+    """A run killed with SIGKILL after its first anchor, then run again, equals an uninterrupted run."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    first, victim = _run(str(whole)), _run(str(cut))
+    deadline = time.monotonic() + 900
+    while not list(cut.glob("surrogate/*/anchor-000.json")):
+        assert time.monotonic() < deadline and victim.poll() is None, victim.communicate()
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    done = list(cut.glob("surrogate/*/anchor-*.json"))
+    assert 1 <= len(done) < OPTIONS["anchors"]  # killed mid-way
+    kept = {p.name: p.stat().st_mtime_ns for p in done}
+    resumed = _score(_run(str(cut)))
+    assert {p.name: p.stat().st_mtime_ns for p in done} == kept  # finished anchors were reused, not redone
+    assert _score(first) == resumed
+    assert _anchors(whole) == _anchors(cut) and len(_anchors(whole)) == OPTIONS["anchors"]
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_deterministic_under_its_seed_without_a_cache():
+    namespace: dict = {"__name__": "surrogate_script"}
+    exec(compile(SCRIPT, "surrogate_script", "exec"), namespace)
+    threads = torch.get_num_threads()
+    try:
+        assert namespace["score"](None, OPTIONS) == namespace["score"](None, OPTIONS)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("options,field", [
+    ({"anchors": 2}, "anchors"), ({"steps": -1}, "steps"), ({"warmup": 1.5}, "warmup"),
+    ({"lr": 0}, "lr"), ({"anchors": 8, "pool": 4}, "pool"), ({"anchor_steps": "many"}, "anchor_steps"),
+])
+def test_bad_options_are_config_errors(options, field):
+    with pytest.raises(ConfigError) as exc:
+        make_proxy("surrogate", **options)
+    assert exc.value.field == field
+
+
+def test_bad_option_in_experiment_file_is_file_line_field_and_exit_2(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: sur\nspace: digits\ndata: digits\nteacher: {arch: digits, train_steps: 2}\n"
+                   "objectives:\n  - {name: params, kind: params}\n"
+                   "  - {name: quality, kind: quality, proxy: surrogate, options: {anchors: 1}}\n"
+                   f"budget: {{trials: 2}}\noutput_dir: {tmp_path / 'runs'}\n")
+    res = CliRunner().invoke(app, ["search", str(exp)])
+    assert res.exit_code == 2, res.output
+    assert f"{exp}:7: objectives[1].anchors: must be an integer >= 3" in " ".join(res.output.split())
+    assert "Traceback" not in res.output and not (tmp_path / "runs").exists()
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from proxies.quality.train import lr_factor
+
+    f = [lr_factor(i, 100, "cosine", warmup=0.1) for i in range(100)]
+    assert f[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert f[10] == 1.0 and all(a >= b for a, b in itertools.pairwise(f[10:])) and f[-1] < 1e-3
+    assert lr_factor(57, 100) == 1.0
+    with pytest.raises(ValueError):
+        lr_factor(0, 10, "linear")
