@@ -13,12 +13,13 @@ costly its teacher is when trained the way ``benchmarks/proxy_validity.py --benc
 
     nice python benchmarks/shapes_benchmark.py [--teacher-steps 400] [--threads 1]
 
-Writes ``benchmarks/results/shapes_benchmark.json``.
+Writes ``benchmarks/results/shapes_benchmark.json`` (``shapes_benchmark_N_steps.json`` for other step counts).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -64,6 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    load_start = os.getloadavg()  # the machine is shared: say under what load the seconds were taken
     start = time.perf_counter()
     bench = get_benchmark("shapes", seed=0)
     setup_seconds = time.perf_counter() - start
@@ -109,7 +111,8 @@ def main() -> None:
     }
     print(f"teacher after {args.teacher_steps} steps ({train_seconds:.0f}s of training): {teacher_eval}", flush=True)
 
-    path = write_result("shapes_benchmark", {
+    name = "shapes_benchmark" if args.teacher_steps == 400 else f"shapes_benchmark_{args.teacher_steps}_steps"
+    path = write_result(name, {
         "threads": args.threads, "data": {k: v for k, v in data.manifest.items() if k != "path"},
         "n_images": len(data), "data_and_classifier_seconds": setup_seconds,
         "classifier": "logistic regression per attribute on flattened pixels (scikit-learn, max_iter 3000)",
@@ -120,6 +123,7 @@ def main() -> None:
         "batch_size": 64, "teacher_train_seconds": train_seconds, "seconds_per_step": timing,
         "untrained_teacher": untrained, "teacher": teacher_eval, "curve": curve,
         "wall_seconds": time.perf_counter() - start,
+        "load_average_1_5_15_min": {"start": load_start, "end": os.getloadavg()},
     })
     print(f"wrote {path}")
 
