@@ -8,8 +8,9 @@ costly its teacher is when trained the way ``benchmarks/proxy_validity.py --benc
 3. The teacher trained for ``--teacher-steps`` (AdamW, lr 2e-3, batch 64, seed 0: proxy_validity's recipe), with
    every ``--every`` steps the held-out denoising loss (128 items x 10 timesteps, as proxy_validity reports its
    teacher) and the attribute accuracy of 96 samples, one per combination of attributes; at the end also the
-   loss on the whole validation split over 20 timesteps (the ground truth's evaluation) and the samples of a
-   second sampling seed. Chance: mean attribute accuracy 1/3 (1/4, 1/3, 1/2, 1/4), all four right 1/96.
+   loss on the whole validation split over 20 timesteps (the ground truth's evaluation), the samples of a
+   second sampling seed and samples without classifier-free guidance. Chance: mean attribute accuracy 1/3
+   (1/4, 1/3, 1/2, 1/4), all four right 1/96.
 
     nice python benchmarks/shapes_benchmark.py [--teacher-steps 400] [--threads 1]
 
@@ -108,6 +109,8 @@ def main() -> None:
         "final_train_loss": history["losses"][-1],
         **bench.sample_quality(teacher, ctx.scheduler, 7),
         "sample_seed_8": bench.sample_quality(teacher, ctx.scheduler, 8),
+        # guidance 3.0 pushes pixels far past [-1, 1]; clamped, small shapes grow: the same samples unguided
+        "sample_guidance_1": bench.sample_quality(teacher, ctx.scheduler, 7, guidance=1.0, guidance_rescale=0.0),
     }
     print(f"teacher after {args.teacher_steps} steps ({train_seconds:.0f}s of training): {teacher_eval}", flush=True)
 
