@@ -8,17 +8,19 @@ costly its teacher is when trained the way ``benchmarks/proxy_validity.py --benc
 3. The teacher trained for ``--teacher-steps`` (AdamW, lr 2e-3, batch 64, seed 0: proxy_validity's recipe), with
    every ``--every`` steps the held-out denoising loss (128 items x 10 timesteps, as proxy_validity reports its
    teacher) and the attribute accuracy of 96 samples, one per combination of attributes; at the end also the
-   loss on the whole validation split over 20 timesteps (the ground truth's evaluation) and the samples of a
-   second sampling seed. Chance: mean attribute accuracy 1/3 (1/4, 1/3, 1/2, 1/4), all four right 1/96.
+   loss on the whole validation split over 20 timesteps (the ground truth's evaluation), the samples of a
+   second sampling seed and samples without classifier-free guidance. Chance: mean attribute accuracy 1/3
+   (1/4, 1/3, 1/2, 1/4), all four right 1/96.
 
     nice python benchmarks/shapes_benchmark.py [--teacher-steps 400] [--threads 1]
 
-Writes ``benchmarks/results/shapes_benchmark.json``.
+Writes ``benchmarks/results/shapes_benchmark.json`` (``shapes_benchmark_N_steps.json`` for other step counts).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -64,6 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    load_start = os.getloadavg()  # the machine is shared: say under what load the seconds were taken
     start = time.perf_counter()
     bench = get_benchmark("shapes", seed=0)
     setup_seconds = time.perf_counter() - start
@@ -106,10 +109,13 @@ def main() -> None:
         "final_train_loss": history["losses"][-1],
         **bench.sample_quality(teacher, ctx.scheduler, 7),
         "sample_seed_8": bench.sample_quality(teacher, ctx.scheduler, 8),
+        # guidance 3.0 pushes pixels far past [-1, 1]; clamped, small shapes grow: the same samples unguided
+        "sample_guidance_1": bench.sample_quality(teacher, ctx.scheduler, 7, guidance=1.0, guidance_rescale=0.0),
     }
     print(f"teacher after {args.teacher_steps} steps ({train_seconds:.0f}s of training): {teacher_eval}", flush=True)
 
-    path = write_result("shapes_benchmark", {
+    name = "shapes_benchmark" if args.teacher_steps == 400 else f"shapes_benchmark_{args.teacher_steps}_steps"
+    path = write_result(name, {
         "threads": args.threads, "data": {k: v for k, v in data.manifest.items() if k != "path"},
         "n_images": len(data), "data_and_classifier_seconds": setup_seconds,
         "classifier": "logistic regression per attribute on flattened pixels (scikit-learn, max_iter 3000)",
@@ -120,6 +126,7 @@ def main() -> None:
         "batch_size": 64, "teacher_train_seconds": train_seconds, "seconds_per_step": timing,
         "untrained_teacher": untrained, "teacher": teacher_eval, "curve": curve,
         "wall_seconds": time.perf_counter() - start,
+        "load_average_1_5_15_min": {"start": load_start, "end": os.getloadavg()},
     })
     print(f"wrote {path}")
 

@@ -38,7 +38,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "shape": SHA
 
 RESOLUTION = 16
 # the shape's "radius" in pixels per size (a circle's radius; a square's half side is 0.85 of it, a triangle's
-# circumradius 1.25 of it, so the three cover similar areas), and how far its centre may move from the quadrant's
+# circumradius 1.25 of it: squares cover 0.9 of a circle's area, triangles 0.65), and how far its centre may move
+# from the quadrant's; the ranges keep every large shape clearly bigger than any small one of its kind
 _RADIUS = {"small": (2.4, 2.8), "large": (3.4, 3.8)}
 _JITTER = {"small": 0.8, "large": 0.3}
 _SUPERSAMPLE = 4
