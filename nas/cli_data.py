@@ -152,7 +152,7 @@ def data_shapes(out: Annotated[Path, typer.Option(help="Cache folder to write.")
                 per_combination: Annotated[int, typer.Option(min=1, help="Images per combination of the 96 "
                                                                         "attribute combinations.")] = 36) -> None:
     """Write the built-in shapes dataset (rendered, offline; captions like "small red circle top left") as a cache
-    folder, for experiments and training recipes (``data: FOLDER``)."""
+    folder, for experiments and training recipes (data: FOLDER)."""
     from proxies.shapes import shapes_cache
 
     cache = shapes_cache(per_combination=per_combination, seed=seed)

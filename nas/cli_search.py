@@ -189,7 +189,7 @@ def _references(exp: Experiment, evaluator: Any) -> tuple[dict[str, dict[str, fl
     for name in list(references):
         try:
             values = evaluator.objectives(get_arch(name))
-        except (ConfigError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # any proxy failure (a diverging loss too) is a note, not a crash
             notes.append(f"reference {name}: {', '.join(quality)} not scored: the proxy failed on it ({scrub(exc)})")
             continue
         references[name] = {**references[name], **{q: values[q] for q in quality}}

@@ -45,6 +45,22 @@ def _ray(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([str(RAY), *args], env=env, capture_output=True, text=True, timeout=120)
 
 
+DEAD_NODES = "import ray, sys; ray.init(address=sys.argv[1]); print(sum(not n['Alive'] for n in ray.nodes()))"
+
+
+def _wait_for_dead_nodes(address: str, n: int, timeout: float = 120) -> None:
+    """Until the cluster's GCS counts ``n`` dead nodes, asked from a driver of its own."""
+    deadline = time.monotonic() + timeout
+    while True:
+        res = subprocess.run([sys.executable, "-c", DEAD_NODES, address], env=CLUSTER["env"], capture_output=True,
+                             text=True, timeout=120)
+        lines = res.stdout.split()
+        if res.returncode == 0 and lines and int(lines[-1]) >= n:
+            return
+        assert time.monotonic() < deadline, f"the GCS did not mark {n} node(s) dead:\n{res.stdout}{res.stderr}"
+        time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A head node and a worker node on 127.0.0.1, one CPU each; yields the address ``127.0.0.1:port``."""
@@ -108,7 +124,7 @@ def test_cli_search_on_two_nodes_writes_the_local_outputs_and_resumes(cluster, t
     run = tmp_path / "runs" / "cheap"
     for name in ("pareto.json", "trials.csv", "summary.md", "pareto.png", "experiment.yaml", "study.db"):
         assert (run / name).is_file(), name
-    assert (run / "best" / "all.yaml").is_file() and (run / "best" / "params.yaml").is_file()
+    assert (run / "best" / "all.yaml").is_file() and (run / "best" / "macs.yaml").is_file()  # params is first
     assert (run / "ray" / "search_000").is_dir()
     pareto = json.loads((run / "pareto.json").read_text())
     assert pareto["objectives"] == ["params", "macs"] and pareto["trials"]
@@ -295,6 +311,7 @@ def test_a_killed_node_and_a_killed_driver_show_in_the_study_and_lose_nothing(cl
     orphans = {n for n, t in before.items() if t.state == TrialState.RUNNING}
     assert orphans, [t.state for t in before.values()]
 
+    _wait_for_dead_nodes(cluster, 1)  # the GCS marks a node dead only after its health checks fail (seconds)
     out = _search(str(path), "--resume").output
     assert "Ray cluster: 2 node(s), 2 CPUs, 0 GPUs (1 dead node(s) not counted)" in out
     trials = {t.number: t for t in _study(tmp_path, "faults").get_trials()}
