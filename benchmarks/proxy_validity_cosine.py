@@ -27,13 +27,16 @@ Writes ``benchmarks/results/proxy_validity_cosine[_seedN].json``.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from proxy_validity import LR
+from proxy_validity_report import SHORT_COSINE
 
 from proxies.benchmark import BENCHMARKS, get_benchmark
 from proxies.quality import QualityContext
@@ -47,6 +50,26 @@ from search_spaces.yamlio import atomic_write
 
 CHECKPOINTS = (5, 10, 20)
 TRIALS = 200  # one-time costs are divided by this many trials
+SHORT_EVAL_ITEMS = 64
+
+
+def table_space() -> dict:
+    """The 64-arch digits sub-space whose every arch gets the ground truth (the search-quality study): the
+    three down stages' ResNet counts (the first breaks inheritance at 1), the mid block's, and attention in the
+    last two up stages; everything else at the teacher's choice."""
+    import yaml
+
+    from search_spaces import space_path
+
+    data = yaml.safe_load(space_path("digits").read_text())
+    data["name"] = "digits_table"
+    data["stages"] = [3]
+    data["down"][0]["attentions"] = 0
+    data["down"][1]["attentions"] = 1
+    data["mid"].update(resnets=[1, 2], attentions=1, upsample=False)
+    data["up"][0]["attentions"] = 1
+    data["up"][1]["attentions"] = [1, 2]
+    return data
 
 
 def cached(path: Path, make) -> dict:
@@ -58,6 +81,8 @@ def cached(path: Path, make) -> dict:
 
 
 def setup(args) -> tuple[QualityContext, SearchSpace, list[UNetArch], list[UNetArch]]:
+    """The context with its teacher (trained once, cached), the space, the design archs and the test archs
+    (``--archs`` random ones, or with ``--tests table`` every arch of :func:`table_space`)."""
     bench = get_benchmark(args.benchmark, seed=0)
     data = bench.data
     ctx = QualityContext(data=data, seed=args.seed, batch_size=64, eval_items=128)
@@ -75,7 +100,9 @@ def setup(args) -> tuple[QualityContext, SearchSpace, list[UNetArch], list[UNetA
     ctx.space = space
     rng = random.Random(args.seed)  # the very archs of proxy_validity.py
     tests: list[UNetArch] = []
-    while len(tests) < args.archs:
+    if args.tests == "table":
+        tests = SearchSpace(table_space()).enumerate()
+    while len(tests) < args.archs and args.tests == "random":
         a = space.sample(rng)
         if a not in tests:
             tests.append(a)
@@ -96,6 +123,53 @@ def features(args, ctx, arch) -> dict:
         f["eval_seconds"] = time.perf_counter() - t
         return {"arch": arch.to_dict(), **f}
     return cached(args.work / f"feat-{arch_key(arch)}.json", make)
+
+
+def short_cosine(args, ctx, arch) -> dict:
+    """The ground-truth protocol at ``k`` steps and a small evaluation, for every (k, lr) of SHORT_COSINE."""
+    out = {}
+    for k, lr in SHORT_COSINE:
+        path = args.work / f"cos-{arch_key(arch)}-{k}-{lr:g}.json"
+        out[f"cosine@{k}/lr{lr:g}"] = cached(path, lambda k=k, lr=lr: full_fidelity(
+            arch, ctx, k, lr=lr, seed=args.seed, eval_items=SHORT_EVAL_ITEMS))
+    return out
+
+
+@contextmanager
+def claim(args, name: str):
+    """True when this process may do job ``name``: it holds the job's lock (released by the OS if it dies), so
+    two processes sharing the work folder never run the same job."""
+    path = args.work / "claims" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_all(args) -> None:
+    """Every job of the run in priority order, each claimed so that several processes share the list."""
+    ctx, _, anchors, tests = setup(args)
+    jobs = [(f"design-{i}", lambda a=a: (gt(args, ctx, a, args.gt_steps, args.seed), features(args, ctx, a),
+                                          short_cosine(args, ctx, a))) for i, a in enumerate(anchors)]
+    jobs += [(f"test-{i}", lambda a=a: (gt(args, ctx, a, args.gt_steps, args.seed), features(args, ctx, a),
+                                        short_cosine(args, ctx, a))) for i, a in enumerate(tests)]
+    jobs += [(f"repeat-{i}", lambda a=a: gt(args, ctx, a, args.gt_steps, args.seed + 1000))
+             for i, a in enumerate(anchors[: args.repeat])]
+    jobs += [(f"long-{i}", lambda a=a: gt(args, ctx, a, args.gt_steps * args.long_factor, args.seed))
+             for i, a in enumerate(anchors)]
+    for name, job in jobs:
+        with claim(args, name) as mine:
+            if mine:
+                t = time.perf_counter()
+                job()
+                print(f"{name}: {time.perf_counter() - t:.0f}s", flush=True)
 
 
 def group(arch: UNetArch) -> str:
@@ -143,7 +217,10 @@ if __name__ == "__main__":
     from proxy_validity_report import report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("main", "design", "long", "report"), required=True)
+    parser.add_argument("--part", choices=("all", "main", "design", "long", "report"), required=True,
+                        help="all: every job, shareable by several processes on one work folder")
+    parser.add_argument("--tests", choices=("random", "table"), default="random",
+                        help="test archs: --archs random ones, or all 64 of the digits table sub-space")
     parser.add_argument("--benchmark", choices=BENCHMARKS, default="digits", help="data, teacher and space")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--archs", type=int, default=24)
@@ -160,7 +237,8 @@ if __name__ == "__main__":
                         help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN)")
     args = parser.parse_args()
     args.work = args.work or Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}"
+    args.archs = 0 if args.tests == "table" else args.archs
     torch.set_num_threads(1)
-    parts = {"main": run_main, "design": run_design, "long": run_long,
+    parts = {"all": run_all, "main": run_main, "design": run_design, "long": run_long,
              "report": lambda a: report(a, setup, gt, features, group)}
     parts[args.part](args)

@@ -16,6 +16,9 @@ from proxies.quality.fidelity import FEATURES, feature_vector
 from proxies.quality.surrogate import arch_key, fit_ridge
 
 TRIALS = 200
+# The ground-truth protocol shrunk: (steps, peak lr) of a short cosine-to-zero run, evaluated on 64 items
+SHORT_COSINE = ((8, 2e-3), (16, 1e-3), (16, 2e-3))
+SHORT_SETS = {"short+macs": ("loss@K", "macs"), "short+loss@0+macs": ("loss@0", "loss@K", "macs")}
 
 
 def _read(path: Path) -> dict | None:
@@ -55,7 +58,12 @@ def report(args, setup, gt, features, group) -> None:
     _, space, anchors, tests = setup(args)
     w = args.work
     gfile = lambda a, s, seed: _read(w / f"gt-{arch_key(a)}-{s}-{seed}.json")  # noqa: E731
-    ffile = lambda a: _read(w / f"feat-{arch_key(a)}.json")  # noqa: E731
+
+    def ffile(a) -> dict | None:
+        """The arch's cheap features with its short cosine runs (``short``), where all are measured."""
+        f = _read(w / f"feat-{arch_key(a)}.json")
+        short = {f"cosine@{k}/lr{lr:g}": _read(w / f"cos-{arch_key(a)}-{k}-{lr:g}.json") for k, lr in SHORT_COSINE}
+        return {**f, "short": short} if f and all(short.values()) else None
     out: dict = {"benchmark_name": args.benchmark, "n_archs": 0, "seed": args.seed, "gt_steps": args.gt_steps,
                  "gt_init": "inherit", "batch": args.batch,
                  "gt_protocol": "BK-SDM distillation from inherited weights, AdamW lr 1e-3, cosine to zero after "
@@ -155,6 +163,10 @@ def _proxies(rows: list, design_rows: list, space, gt_seconds: float, long_of: d
     for k in (0, 5, 10, 20):
         add(f"distill_task@{k}", "distill", [f["curve"][str(k)] for _, _, f in rows],
             float(np.median([feature_cost(f, k) for _, _, f in rows])))
+    for k, lr in SHORT_COSINE:
+        name = f"cosine@{k}/lr{lr:g}"
+        add(name, "short_cosine", [f["short"][name]["task_loss"] for _, _, f in rows],
+            float(np.median([f["short"][name]["seconds"] for _, _, f in rows])), steps=k, lr=lr)
     fits = ([[r for r in design_rows if r is not row] for row in rows] if loo else
             {n: design_rows[:n] for n in (4, 6, 8, 10) if len(design_rows) >= n})
     for n in ([len(design_rows) - 1] if loo else list(fits)):
@@ -171,6 +183,17 @@ def _proxies(rows: list, design_rows: list, space, gt_seconds: float, long_of: d
                     pred.append(float(model.predict(np.array([feature_vector(_at(f, k), names)]))[0]))
                 add(f"surrogate{n}@{k}[{label}]", "surrogate", pred, per_arch + one_time, anchors=n, steps=k,
                     features=list(names), one_time_seconds_per_trial=one_time, per_arch_seconds=per_arch)
+        for k, lr in SHORT_COSINE:
+            name = f"cosine@{k}/lr{lr:g}"
+            per_arch = float(np.median([f["short"][name]["seconds"] for _, _, f in rows]))
+            for label, names in SHORT_SETS.items():
+                pred = []
+                for i, (_, _, f) in enumerate(rows):
+                    fit = fits[i] if loo else fits[n]
+                    model = fit_ridge([_short(r[2], name) for r in fit], [r[1]["task_loss"] for r in fit], names)
+                    pred.append(float(model.predict(np.array([feature_vector(_short(f, name), names)]))[0]))
+                add(f"surrogate{n}[{name}][{label}]", "surrogate", pred, per_arch + one_time, anchors=n, steps=k,
+                    features=list(names), one_time_seconds_per_trial=one_time, per_arch_seconds=per_arch)
         pred = []
         for i, (a, _, _) in enumerate(rows):
             fit = fits[i] if loo else fits[n]
@@ -184,6 +207,11 @@ def _proxies(rows: list, design_rows: list, space, gt_seconds: float, long_of: d
 
 def _at(f: dict, k: int) -> dict:
     return {**f, "loss@K": f["curve"][str(k)]}
+
+
+def _short(f: dict, name: str) -> dict:
+    """The features with ``loss@K`` the short cosine run's held-out loss."""
+    return {**f, "loss@K": f["short"][name]["task_loss"]}
 
 
 def _one_hot(space, archs) -> np.ndarray:

@@ -38,6 +38,7 @@ NEAR_TEACHER["up"][2]["attentions"] = 0  # drop one attention
 @pytest.mark.parametrize("name,options", [
     ("grad_norm", {}), ("snip", {}), ("synflow", {}), ("jacob_cov", {"batch": 8}),
     ("distill", {"steps": 0}), ("distill", {"steps": 3, "metric": "task"}),
+    ("distill", {"steps": 4, "metric": "task", "schedule": "cosine", "lr": 2e-3}),
     ("short_train", {"steps": 3, "eval_every": 1}), ("short_train", {"steps": 2, "init": "inherit"}),
 ])
 def test_every_proxy_scores_and_is_deterministic(ctx, name, options):
@@ -57,6 +58,14 @@ def test_kd_proxy_ranks_near_teacher_above_pruned(ctx):
     assert near.details["new_params"] == 0 < pruned.details["inherited_params"]
     identical = proxy(get_arch("digits"), ctx)
     assert identical.score == 0.0  # the teacher itself: nothing to distil
+
+
+def test_cosine_distill_differs_from_constant_and_ends_at_rate_zero(ctx):
+    """The schedule reaches the optimiser: a cosine run is not the constant-rate run of the same steps."""
+    arch = UNetArch.from_dict(PRUNED)
+    constant = make_proxy("distill", steps=4, lr=2e-3, metric="task")(arch, ctx)
+    cosine = make_proxy("distill", steps=4, lr=2e-3, metric="task", schedule="cosine")(arch, ctx)
+    assert cosine.score != constant.score and make_proxy("distill", schedule="cosine").name.endswith("_cosine")
 
 
 def test_short_train_reports_and_stops_early(ctx):
@@ -92,6 +101,11 @@ def test_proxy_errors_are_clear(ctx):
         make_proxy("magic")
     with pytest.raises(ConfigError, match="metric"):
         make_proxy("distill", metric="fid")
+    for options, field in (({"schedule": "step"}, "schedule"), ({"warmup": 1.0}, "warmup"), ({"lr": -1}, "lr"),
+                           ({"steps": 2.5}, "steps")):
+        with pytest.raises(ConfigError) as exc:
+            make_proxy("distill", **options)
+        assert exc.value.field == field
     no_teacher = QualityContext(data=ctx.data)
     with pytest.raises(ConfigError, match="needs a teacher"):
         make_proxy("distill")(get_arch("digits"), no_teacher)

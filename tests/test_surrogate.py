@@ -92,19 +92,29 @@ def test_killed_one_time_work_resumes_to_the_uninterrupted_result(tmp_path):
     assert not list(tmp_path.rglob("*.tmp*"))
 
 
-def test_deterministic_under_its_seed_without_a_cache():
+@pytest.mark.parametrize("extra", [{}, {"features": ["loss@K", "macs"], "schedule": "cosine", "lr": 2e-3}])
+def test_deterministic_under_its_seed_without_a_cache(extra):
     namespace: dict = {"__name__": "surrogate_script"}
     exec(compile(SCRIPT, "surrogate_script", "exec"), namespace)
     threads = torch.get_num_threads()
     try:
-        assert namespace["score"](None, OPTIONS) == namespace["score"](None, OPTIONS)
+        assert namespace["score"](None, {**OPTIONS, **extra}) == namespace["score"](None, {**OPTIONS, **extra})
     finally:
         torch.set_num_threads(threads)
+
+
+def test_features_and_schedule_change_the_fit_and_its_cache_key():
+    default, short = make_proxy("surrogate"), make_proxy("surrogate", features=["loss@K", "macs"], schedule="cosine")
+    assert "features" not in default.options  # the default's cache folder keeps its old key
+    assert short.features == ("loss@K", "macs") and short.options["schedule"] == "cosine"
+    assert short.name.endswith("_cosine") and short.name != default.name
 
 
 @pytest.mark.parametrize("options,field", [
     ({"anchors": 2}, "anchors"), ({"steps": -1}, "steps"), ({"warmup": 1.5}, "warmup"),
     ({"lr": 0}, "lr"), ({"anchors": 8, "pool": 4}, "pool"), ({"anchor_steps": "many"}, "anchor_steps"),
+    ({"features": ["loss@K", "flops"]}, "features"), ({"features": "macs"}, "features"),
+    ({"features": []}, "features"), ({"schedule": "linear"}, "schedule"),
 ])
 def test_bad_options_are_config_errors(options, field):
     with pytest.raises(ConfigError) as exc:

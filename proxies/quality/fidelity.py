@@ -42,10 +42,12 @@ def full_fidelity(arch: UNetArch, ctx: QualityContext, steps: int, lr: float = 1
 
 
 def cheap_features(arch: UNetArch, ctx: QualityContext, steps: int, lr: float = 5e-4, eval_items: int = 64,
-                   checkpoints: tuple[int, ...] = ()) -> dict[str, Any]:
-    """Features from inheritance plus ``steps`` distillation steps (constant rate, BK-SDM's loss). The held-out
-    loss is measured after inheritance (``loss@0``), after ``steps`` steps (``loss@K``) and at every step in
-    ``checkpoints`` (``curve``, for studies of the learning curve); ``seconds`` is the whole cost."""
+                   checkpoints: tuple[int, ...] = (), schedule: str = "constant",
+                   warmup: float = 0.0) -> dict[str, Any]:
+    """Features from inheritance plus ``steps`` distillation steps (BK-SDM's loss; ``schedule`` and ``warmup`` as
+    in :func:`~proxies.quality.train.lr_factor`). The held-out loss is measured after inheritance (``loss@0``),
+    after ``steps`` steps (``loss@K``) and at every step in ``checkpoints`` (``curve``, for studies of the
+    learning curve); ``seconds`` is the whole cost."""
     if ctx.teacher is None:
         raise ConfigError("the features distil from a teacher", field="teacher")
     start = time.perf_counter()
@@ -65,7 +67,8 @@ def cheap_features(arch: UNetArch, ctx: QualityContext, steps: int, lr: float = 
                 clock[step] = time.perf_counter() - start
             return False
 
-        train(model, fctx, steps, lr=lr, teacher=ctx.teacher, report=record, eval_every=every)
+        train(model, fctx, steps, lr=lr, teacher=ctx.teacher, report=record, eval_every=every, schedule=schedule,
+              warmup=warmup)
     cost = arch_costs(arch, batch=1, text_len=ctx.data.text.shape[1])
     total = report.inherited_params + report.new_params
     return {"loss@0": loss0, "loss@K": curve[steps], "steps": steps, "curve": {str(k): v for k, v in curve.items()},

@@ -93,14 +93,17 @@ def _locked(path: Path):
 
 class Surrogate(QualityProxy):
     """``anchors`` full-fidelity runs of ``anchor_steps`` once (evaluated on ``anchor_eval_items`` held-out items,
-    default all), then per trial ``steps`` distillation steps at ``lr`` scored on ``eval_items`` items, and a
-    ridge regression's prediction of the full-fidelity held-out loss (lower is better)."""
+    default all), then per trial ``steps`` distillation steps at ``lr`` (``schedule`` constant, or cosine to zero
+    after ``warmup``: the ground-truth protocol shrunk) scored on ``eval_items`` items, and a ridge regression of
+    the full-fidelity held-out loss on ``features`` (a subset of ``loss@0``, ``loss@K``, ``new_fraction``,
+    ``macs``, ``params``; few features generalise from few anchors) (lower is better)."""
 
     kind = "surrogate"
 
     def __init__(self, anchors: int = 8, anchor_steps: int = 200, anchor_lr: float = 1e-3, warmup: float = 0.1,
                  steps: int = 5, lr: float = 5e-4, eval_items: int = 64, pool: int = 256,
-                 anchor_eval_items: int | None = None):
+                 anchor_eval_items: int | None = None, features: list[str] | tuple[str, ...] = FEATURES,
+                 schedule: str = "constant"):
         for field, value, low in (("anchors", anchors, 3), ("anchor_steps", anchor_steps, 1), ("steps", steps, 0),
                                   ("eval_items", eval_items, 1), ("pool", pool, 1),
                                   ("anchor_eval_items", 1 if anchor_eval_items is None else anchor_eval_items, 1)):
@@ -113,10 +116,19 @@ class Surrogate(QualityProxy):
             raise ConfigError(f"must be a fraction in [0, 1), got {warmup!r}", field="warmup")
         if pool < anchors:
             raise ConfigError(f"must be >= anchors ({anchors}), got {pool}", field="pool")
+        if (isinstance(features, str) or not isinstance(features, list | tuple) or not features
+                or any(f not in FEATURES for f in features) or len(set(features)) != len(features)):
+            raise ConfigError(f"must be a list of distinct names from {', '.join(FEATURES)}, got {features!r}",
+                              field="features")
+        if schedule not in ("constant", "cosine"):
+            raise ConfigError(f"must be constant or cosine, got {schedule!r}", field="schedule")
         self.options = {"anchors": anchors, "anchor_steps": anchor_steps, "anchor_lr": float(anchor_lr),
                         "warmup": float(warmup), "steps": steps, "lr": float(lr), "eval_items": eval_items,
                         "pool": pool, "anchor_eval_items": anchor_eval_items}
-        self.name = f"surrogate{anchors}x{anchor_steps}@{steps}"
+        if tuple(features) != FEATURES or schedule != "constant":  # cache keys of the defaults stay as they were
+            self.options.update(features=list(features), schedule=schedule)
+        self.features, self.schedule = tuple(features), schedule
+        self.name = f"surrogate{anchors}x{anchor_steps}@{steps}" + ("_cosine" if schedule == "cosine" else "")
         self._model: Any = None
 
     # ---- one-time work ---------------------------------------------------------------------------------------
@@ -151,22 +163,25 @@ class Surrogate(QualityProxy):
         o = self.options
         gt = full_fidelity(arch, ctx, o["anchor_steps"], lr=o["anchor_lr"], warmup=o["warmup"],
                            eval_items=o["anchor_eval_items"])
-        feats = cheap_features(arch, ctx, o["steps"], lr=o["lr"], eval_items=o["eval_items"])
-        return {"arch": arch.to_dict(), "full_fidelity": gt, "features": feats}
+        return {"arch": arch.to_dict(), "full_fidelity": gt, "features": self._features(arch, ctx)}
+
+    def _features(self, arch: UNetArch, ctx: QualityContext) -> dict[str, Any]:
+        o = self.options
+        return cheap_features(arch, ctx, o["steps"], lr=o["lr"], eval_items=o["eval_items"], schedule=self.schedule,
+                              warmup=o["warmup"] if self.schedule == "cosine" else 0.0)
 
     def fit(self, ctx: QualityContext) -> Any:
         """The fitted regression (the one-time work on first use in this process)."""
         if self._model is None:
             records = self.anchor_records(ctx)
             self._model = fit_ridge([r["features"] for r in records],
-                                    [r["full_fidelity"]["task_loss"] for r in records])
+                                    [r["full_fidelity"]["task_loss"] for r in records], self.features)
         return self._model
 
     # ---- per trial -------------------------------------------------------------------------------------------
 
     def compute(self, arch: UNetArch, ctx: QualityContext, report: Report | None) -> tuple[float, dict[str, Any]]:
         model = self.fit(ctx)
-        o = self.options
-        feats = cheap_features(arch, ctx, o["steps"], lr=o["lr"], eval_items=o["eval_items"])
-        predicted = math.exp(float(model.predict(np.array([feature_vector(feats)]))[0]))
+        feats = self._features(arch, ctx)
+        predicted = math.exp(float(model.predict(np.array([feature_vector(feats, self.features)]))[0]))
         return predicted, {"predicted_task_loss": predicted, **{k: feats[k] for k in FEATURES}}
