@@ -106,7 +106,7 @@ class TableEvaluator(Evaluator):
         super().__init__(exp)
         self.table = table
 
-    def objectives(self, arch: UNetArch, cheap_only: bool = False) -> dict[str, float]:
+    def objectives(self, arch: UNetArch, cheap_only: bool = False, report: Any = None) -> dict[str, float]:
         quality, latency = self.table[arch]
         return {LATENCY: latency} if cheap_only else {QUALITY: quality, LATENCY: latency}
 

@@ -66,8 +66,9 @@ def arch_record(work: Path, arch: UNetArch, gt_steps: int, seed: int) -> dict | 
 def proxy_scores(name: str, rows: list[dict], anchors: list[dict]) -> list[float]:
     """Each row's score under proxy ``name`` (lower is better): ``ground_truth``, ``macs`` (more is better, so
     negated), ``params``, ``distill_task@K`` (the held-out loss after K constant-rate distillation steps),
-    ``cosine@K/lrX`` (the ground-truth protocol at K steps) or ``surrogateN[cosine@K/lrX]`` (ridge regression of
-    the log ground truth on that short run's loss and log MACs, fitted on the first N design archs)."""
+    ``cosine@K/lrX`` (the ground-truth protocol at K steps), ``surrogateN@K`` or ``surrogateN[cosine@K/lrX]``
+    (ridge regression of the log ground truth on the held-out loss after K constant-rate distillation steps, or
+    after that short cosine run, and log MACs, fitted on the first N design archs)."""
     if name == "ground_truth":
         return [r["gt"] for r in rows]
     if name in ("macs", "params"):
@@ -77,12 +78,18 @@ def proxy_scores(name: str, rows: list[dict], anchors: list[dict]) -> list[float
     if name.startswith("cosine@"):
         return [r["short"][name]["task_loss"] for r in rows]
     if name.startswith("surrogate"):
-        n, short = name[len("surrogate"):].split("[", 1)
-        short = short.rstrip("]")
         names = ("loss@K", "macs")
+        if "@" in name.split("[")[0]:  # surrogateN@K
+            n, k = name[len("surrogate"):].split("@")
 
-        def feats(r: dict) -> dict:
-            return {**r["features"], "loss@K": r["short"][short]["task_loss"]}
+            def feats(r: dict) -> dict:
+                return {**r["features"], "loss@K": r["features"]["curve"][k]}
+        else:  # surrogateN[cosine@K/lrX]
+            n, short = name[len("surrogate"):].split("[", 1)
+            short = short.rstrip("]")
+
+            def feats(r: dict) -> dict:
+                return {**r["features"], "loss@K": r["short"][short]["task_loss"]}
 
         fit = anchors[: int(n)]
         model = fit_ridge([feats(r) for r in fit], [r["gt"] for r in fit], names)
@@ -104,6 +111,9 @@ def run_search(strategy: str, seed: int, space_data: dict[str, Any], trials: int
     url = f"sqlite:///{folder / f'{strategy}_{seed}.db'}"
     study = run_worker(exp, TableEvaluator(exp, table), url, resume=False)
     done = sorted((t for t in study.trials if t.values is not None), key=lambda t: t.number)
+    if len(done) != trials:  # a table lookup cannot fail: a failed trial is a broken benchmark
+        errors = {t.user_attrs.get("error") for t in study.trials if t.values is None}
+        raise RuntimeError(f"{strategy} seed {seed}: {len(done)} of {trials} trials completed: {errors}")
     return [UNetArch.from_dict(t.user_attrs["arch"]) for t in done]
 
 
@@ -122,10 +132,8 @@ def main() -> None:
                         help="work folder of proxy_validity_cosine.py --benchmark digits --tests table")
     parser.add_argument("--seed", type=int, default=0, help="that run's seed")
     parser.add_argument("--gt-steps", type=int, default=200)
-    parser.add_argument("--anchors", type=int, default=4, help="design archs a surrogate proxy is fitted on")
-    parser.add_argument("--proxies", nargs="+", default=["ground_truth", "cosine@16/lr0.002",
-                                                           "surrogate4[cosine@8/lr0.002]", "distill_task@20",
-                                                           "macs"])
+    parser.add_argument("--proxies", nargs="+", default=["ground_truth", "surrogate6@5", "cosine@16/lr0.002",
+                                                           "distill_task@20", "macs"])
     parser.add_argument("--strategy", default="evolution")
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=5)
@@ -142,8 +150,8 @@ def main() -> None:
     full = SearchSpace.from_yaml("digits")
     design_archs = design(full, 10, args.seed, text_len=8)
     anchors = [arch_record(args.work, a, args.gt_steps, args.seed) for a in design_archs]
-    if any(r is None for r in anchors[: args.anchors]):
-        raise SystemExit(f"error: {args.work}: the first {args.anchors} design archs are not measured yet")
+    if any(r is None for r in anchors):
+        raise SystemExit(f"error: {args.work}: the design archs (the surrogates' anchors) are not all measured yet")
 
     latency = RooflinePredictor(load_spec(LATENCY_OBJECTIVE["spec"]),
                                 Settings(dtype="fp16", batch=2, resolution=64, text_len=8))
@@ -159,11 +167,12 @@ def main() -> None:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as tmp:
         for name in args.proxies:
-            scores = proxy_scores(name, [records[a] for a in archs], [r for r in anchors if r])
+            scores = proxy_scores(name, [records[a] for a in archs], anchors)
             table = {a: (s, lat[a]) for a, s in zip(archs, scores, strict=True)}
             per_seed: dict[str, list[float]] = {str(k): [] for k in CHECKPOINTS if k <= args.trials}
             for seed in range(args.seeds):
                 folder = Path(tmp) / name.replace("/", "_")
+                folder.mkdir(exist_ok=True)
                 found = run_search(args.strategy, seed, space_data, args.trials, table, folder)
                 for k in per_seed:
                     per_seed[k].append(found_fraction(found[: int(k)], table, truth, ref, optimum))
@@ -184,7 +193,7 @@ def main() -> None:
         "strategy": args.strategy, "trials": args.trials, "seeds": args.seeds, "checkpoints": list(CHECKPOINTS),
         "hypervolume": "exact 2-D, of the search's own front (by its proxy) measured with the ground truth, "
                        "divided by the true ground-truth front's",
-        "reference_point": ref, "true_front_size": len(true_front), "anchors": args.anchors,
+        "reference_point": ref, "true_front_size": len(true_front),
         "proxies": results, "wall_seconds": time.perf_counter() - start,
     })
     print(f"wrote {path}")
