@@ -15,10 +15,14 @@ the held-out loss on the whole validation split over 20 timesteps.
    on the first n design archs' ground truth (its one-time cost, n ground-truth runs, divided by 200 trials and
    added to the per-arch cost), for several n, K and feature sets; also an additive model on the arch encoding.
 
-Parts run separately and share a work folder (every run cached as it finishes, so a cut-off run keeps its
-data): ``--part main`` (design, repeats, test archs), ``--part long`` (the 5x runs), ``--part report``.
+Every run is cached in a work folder as it finishes, so a cut-off run keeps its data. ``--part all`` works
+through every job (design archs, test archs, repeats, 5x runs), each claimed under a lock, so several
+single-threaded processes on one work folder share the list; ``--part main``/``design``/``long`` run parts
+alone; ``--part report`` analyses whatever is finished. ``--tests table``: the test archs are every arch of the
+64-arch digits sub-space of :func:`table_space` (the search-quality study's table) instead of ``--archs`` random
+ones; each test and design arch also gets the short cosine runs of SHORT_COSINE.
 
-    python benchmarks/proxy_validity_cosine.py --part main & python benchmarks/proxy_validity_cosine.py --part long
+    python benchmarks/proxy_validity_cosine.py --part all & python benchmarks/proxy_validity_cosine.py --part all
     python benchmarks/proxy_validity_cosine.py --part report
 
 Writes ``benchmarks/results/proxy_validity_cosine[_seedN].json``.
