@@ -176,22 +176,16 @@ def _proxies(rows: list, design_rows: list, space, gt_seconds: float, long_of: d
             for label, names in SETS.items():
                 if k == 0 and "loss@K" in names and "loss@0" not in names:
                     continue
-                pred = []
-                for i, (_, _, f) in enumerate(rows):
-                    fit = fits[i] if loo else fits[n]
-                    model = fit_ridge([_at(r[2], k) for r in fit], [r[1]["task_loss"] for r in fit], names)
-                    pred.append(float(model.predict(np.array([feature_vector(_at(f, k), names)]))[0]))
+                pred = _predict(rows, [fits[i] if loo else fits[n] for i in range(len(rows))],
+                                lambda f, k=k: _at(f, k), names)
                 add(f"surrogate{n}@{k}[{label}]", "surrogate", pred, per_arch + one_time, anchors=n, steps=k,
                     features=list(names), one_time_seconds_per_trial=one_time, per_arch_seconds=per_arch)
         for k, lr in SHORT_COSINE:
             name = f"cosine@{k}/lr{lr:g}"
             per_arch = float(np.median([f["short"][name]["seconds"] for _, _, f in rows]))
             for label, names in SHORT_SETS.items():
-                pred = []
-                for i, (_, _, f) in enumerate(rows):
-                    fit = fits[i] if loo else fits[n]
-                    model = fit_ridge([_short(r[2], name) for r in fit], [r[1]["task_loss"] for r in fit], names)
-                    pred.append(float(model.predict(np.array([feature_vector(_short(f, name), names)]))[0]))
+                pred = _predict(rows, [fits[i] if loo else fits[n] for i in range(len(rows))],
+                                lambda f, name=name: _short(f, name), names)
                 add(f"surrogate{n}[{name}][{label}]", "surrogate", pred, per_arch + one_time, anchors=n, steps=k,
                     features=list(names), one_time_seconds_per_trial=one_time, per_arch_seconds=per_arch)
         pred = []
@@ -203,6 +197,15 @@ def _proxies(rows: list, design_rows: list, space, gt_seconds: float, long_of: d
         add(f"additive{n}[encoding]", "surrogate", pred, one_time, anchors=n, steps=0,
             features=["one-hot arch encoding"], one_time_seconds_per_trial=one_time, per_arch_seconds=0.0)
     return proxies
+
+
+def _predict(rows: list, fits: list, view, names: tuple[str, ...]) -> list[float]:
+    """Each row's surrogate prediction from a ridge fit on its own anchors; ``view`` picks the features."""
+    out = []
+    for (_, _, f), fit in zip(rows, fits, strict=True):
+        model = fit_ridge([view(r[2]) for r in fit], [r[1]["task_loss"] for r in fit], names)
+        out.append(float(model.predict(np.array([feature_vector(view(f), names)]))[0]))
+    return out
 
 
 def _at(f: dict, k: int) -> dict:
