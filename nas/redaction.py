@@ -54,8 +54,10 @@ def remember(url: str | None) -> None:
         _SECRETS.update({password, quote(password, safe=""), quote(password)})
 
 
-def scrub(text: str) -> str:
-    """``text`` with every remembered password replaced by ``***``."""
+def scrub(text: object) -> str:
+    """``text`` (an exception or anything else is taken as its ``str``) with every remembered password replaced
+    by ``***``: callers pass exceptions too, and a password must not leak through one."""
+    text = text if isinstance(text, str) else str(text)
     if not _SECRETS or not text:
         return text
     for secret in sorted(_SECRETS, key=len, reverse=True):
