@@ -69,7 +69,9 @@ def cluster():
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     saved = {k: os.environ.get(k) for k in auth}
     os.environ.update(auth)
-    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
+    # trials at normal priority, as the private Ray runs them: at Ray's default niceness 15 a busy CI machine
+    # starves them and the searches here run into their wall-time bounds
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0"}
     port = _free_port()
     address = f"127.0.0.1:{port}"
     CLUSTER["env"] = env
@@ -508,3 +510,19 @@ def test_a_missing_token_is_named_in_the_one_error_line(cluster, tmp_path):
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "InvalidAuthToken" in errors[0] and "RAY_AUTH_TOKEN" in errors[0], out
     assert "Traceback" not in out and not (tmp_path / "runs" / "no_token" / "study.db").exists()
+
+
+def test_the_private_ray_runs_trials_at_normal_priority_unless_the_user_chose(monkeypatch):
+    """Ray's default worker niceness (15) lets any busy process starve the trials; the private Ray sets 0, takes
+    it back after shutdown, and leaves a user's own choice alone."""
+    from nas.search import ray_connect
+
+    monkeypatch.delenv(ray_connect.WORKER_NICENESS, raising=False)
+    ray_connect._trial_priority()
+    assert os.environ[ray_connect.WORKER_NICENESS] == "0"
+    ray_connect._disconnect()
+    assert ray_connect.WORKER_NICENESS not in os.environ
+    monkeypatch.setenv(ray_connect.WORKER_NICENESS, "10")
+    ray_connect._trial_priority()
+    ray_connect._disconnect()
+    assert os.environ[ray_connect.WORKER_NICENESS] == "10"

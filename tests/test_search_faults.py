@@ -253,14 +253,24 @@ def _pg_has_study(pg: Postgres, name: str) -> bool:
 
 # Runs the real CLI and notes every evaluation the process makes (pid and arch) in a ledger file, so the test can
 # tell an evaluation recorded in two trials, or in none, from the study alone. The evaluator itself is untouched.
+# After its first evaluation a worker waits (at most 240 s) until the other has noted one too: on a loaded machine
+# the first worker could otherwise use the whole budget while the second is still importing torch, and the test
+# would not see two workers share a study at all.
 LEDGER_CLI = """
-import json, os, sys
+import json, os, sys, time
 from nas.search.objectives import Evaluator
 evaluate = Evaluator.__call__
 def noted(self, arch):
     ev = evaluate(self, arch)
-    with open(os.environ["NAS_TEST_LEDGER"], "a") as fh:
+    ledger = os.environ["NAS_TEST_LEDGER"]
+    with open(ledger, "a") as fh:
         fh.write(json.dumps({"pid": os.getpid(), "arch": arch.to_dict()}, sort_keys=True) + "\\n")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        with open(ledger) as fh:
+            if len({json.loads(line)["pid"] for line in fh}) >= 2:
+                break
+        time.sleep(0.1)
     return ev
 Evaluator.__call__ = noted
 from nas.cli import main
