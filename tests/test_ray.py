@@ -45,7 +45,9 @@ def _ray(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([str(RAY), *args], env=env, capture_output=True, text=True, timeout=120)
 
 
-DEAD_NODES = "import ray, sys; ray.init(address=sys.argv[1]); print(sum(not n['Alive'] for n in ray.nodes()))"
+# the count goes on a line of its own with a marker: Ray may print its own notices to stdout around it
+DEAD_NODES = ("import ray, sys; ray.init(address=sys.argv[1]); "
+              "print('dead nodes:', sum(not n['Alive'] for n in ray.nodes()))")
 
 
 def _wait_for_dead_nodes(address: str, n: int, timeout: float = 120) -> None:
@@ -54,8 +56,8 @@ def _wait_for_dead_nodes(address: str, n: int, timeout: float = 120) -> None:
     while True:
         res = subprocess.run([sys.executable, "-c", DEAD_NODES, address], env=CLUSTER["env"], capture_output=True,
                              text=True, timeout=120)
-        lines = res.stdout.split()
-        if res.returncode == 0 and lines and int(lines[-1]) >= n:
+        counts = [int(line.split(":", 1)[1]) for line in res.stdout.splitlines() if line.startswith("dead nodes:")]
+        if res.returncode == 0 and counts and counts[-1] >= n:
             return
         assert time.monotonic() < deadline, f"the GCS did not mark {n} node(s) dead:\n{res.stdout}{res.stderr}"
         time.sleep(2)
