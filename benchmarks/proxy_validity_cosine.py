@@ -18,9 +18,11 @@ the held-out loss on the whole validation split over 20 timesteps.
 Every run is cached in a work folder as it finishes, so a cut-off run keeps its data. ``--part all`` works
 through every job (design archs, test archs, repeats, 5x runs), each claimed under a lock, so several
 single-threaded processes on one work folder share the list; ``--part main``/``design``/``long`` run parts
-alone; ``--part report`` analyses whatever is finished. ``--tests table``: the test archs are every arch of the
-64-arch digits sub-space of :func:`table_space` (the search-quality study's table) instead of ``--archs`` random
-ones; each test and design arch also gets the short cosine runs of SHORT_COSINE.
+alone; ``--new-modules identity`` starts what the teacher lacks as the identity in every run (ground truth and
+proxies, work folder ``..._identity``); ``--part report`` analyses whatever is finished. ``--tests table``:
+the test archs are every arch of the 64-arch digits sub-space of :func:`table_space` (the search-quality
+study's table) instead of ``--archs`` random ones; each test and design arch also gets the short cosine runs of
+SHORT_COSINE.
 
     python benchmarks/proxy_validity_cosine.py --part all & python benchmarks/proxy_validity_cosine.py --part all
     python benchmarks/proxy_validity_cosine.py --part report
@@ -99,6 +101,7 @@ def setup(args) -> tuple[QualityContext, SearchSpace, list[UNetArch], list[UNetA
         train(teacher, ctx, args.teacher_steps, lr=LR, seed=args.seed)
         save_pretrained(teacher, saved)
     ctx.teacher = teacher.eval()
+    ctx.new_modules = args.new_modules
     ctx.batch_size = args.batch  # the teacher as in proxy_validity.py; students train on batches of --batch
     space = SearchSpace.from_yaml(bench.space)
     ctx.space = space
@@ -237,10 +240,13 @@ if __name__ == "__main__":
     parser.add_argument("--indices", type=int, nargs="*", help="long, design: only these design archs, in order")
     parser.add_argument("--repeat-indices", type=int, nargs="*", help="design: then repeat these design archs")
     parser.add_argument("--batch", type=int, default=32, help="batch size of every student run (GT and proxies)")
+    parser.add_argument("--new-modules", choices=("fresh", "identity"), default="fresh",
+                        help="how inheritance starts the modules the teacher lacks (every run: GT and proxies)")
     parser.add_argument("--work", type=Path, default=None,
-                        help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN)")
+                        help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN[_identity])")
     args = parser.parse_args()
-    args.work = args.work or Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}"
+    init = "" if args.new_modules == "fresh" else f"_{args.new_modules}"
+    args.work = args.work or Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}{init}"
     args.archs = 0 if args.tests == "table" else args.archs
     torch.set_num_threads(1)
     parts = {"all": run_all, "main": run_main, "design": run_design, "long": run_long,

@@ -65,7 +65,7 @@ def report(args, setup, gt, features, group) -> None:
         short = {f"cosine@{k}/lr{lr:g}": _read(w / f"cos-{arch_key(a)}-{k}-{lr:g}.json") for k, lr in SHORT_COSINE}
         return {**f, "short": short} if f and all(short.values()) else None
     out: dict = {"benchmark_name": args.benchmark, "n_archs": 0, "seed": args.seed, "gt_steps": args.gt_steps,
-                 "gt_init": "inherit", "batch": args.batch,
+                 "gt_init": "inherit", "new_modules": args.new_modules, "batch": args.batch,
                  "gt_protocol": "BK-SDM distillation from inherited weights, AdamW lr 1e-3, cosine to zero after "
                                 "10% linear warm-up, batches of --batch; held-out loss on the whole validation split "
                                 "x 20 timesteps",
@@ -233,4 +233,5 @@ def _write(args, out: dict) -> None:
         print(f"{key}: {out.get(key)}")
     suffix = "" if args.benchmark == "digits" else f"_{args.benchmark}"
     suffix += "" if args.seed == 0 else f"_seed{args.seed}"
+    suffix += "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     print(f"wrote {write_result(f'proxy_validity_cosine{suffix}', out)}")

@@ -13,7 +13,11 @@ Within a matched stage:
   after ResNet ``r`` takes the first attention after the teacher's ResNet ``m(r)``); extra attentions take the
   next unused teacher attention in order.
 * Parameters are copied by name where shapes agree, so a shallower transformer keeps the teacher's first
-  layers; whatever has no counterpart keeps its fresh initialisation and is listed in the report.
+  layers; whatever has no counterpart is listed in the report and initialised per ``new``: ``"fresh"`` keeps
+  the module's random initialisation; ``"identity"`` makes each new module start as the identity (or, for a
+  resampler, as plain average pooling or nearest upsampling), so the student starts as close to the teacher's
+  function as its arch allows (Net2Net, ControlNet's zero convolutions). A randomly initialised attention
+  block adds a random perturbation to every feature map after it, which training must first undo.
 """
 
 from __future__ import annotations
@@ -168,10 +172,16 @@ def _attentions_after(resnets: int, attentions: int) -> dict[int, tuple[int, int
     return out
 
 
+NEW_MODULES = ("fresh", "identity")
+
+
 @torch.no_grad()
-def inherit_weights(student: nn.Module, teacher: nn.Module) -> InheritanceReport:
+def inherit_weights(student: nn.Module, teacher: nn.Module, new: str = "fresh") -> InheritanceReport:
     """Copy into ``student`` (a FlexibleUNet2DConditionModel) every block it keeps from ``teacher`` (a
-    FlexibleUNet2DConditionModel or SD-family UNet2DConditionModel); return what was inherited."""
+    FlexibleUNet2DConditionModel or SD-family UNet2DConditionModel); return what was inherited. ``new``: how
+    the modules the teacher cannot provide start (``"fresh"`` or ``"identity"``, see the module docstring)."""
+    if new not in NEW_MODULES:
+        raise ConfigError(f"must be one of {', '.join(NEW_MODULES)}, got {new!r}", field="new_modules")
     mapping = module_map(teacher_arch(student), teacher_arch(teacher))
     t_state = teacher.state_dict()
     s_params = dict(student.named_parameters())
@@ -190,4 +200,40 @@ def inherit_weights(student: nn.Module, teacher: nn.Module) -> InheritanceReport
                 copied += tensor.numel()
         status = "inherited" if total and copied == total else "partial" if copied else "new"
         report.modules.append(InheritedModule(s_mod, t_mod, status, total, copied))
+        if status == "new" and new == "identity":
+            start_as_identity(student.get_submodule(s_mod))
     return report
+
+
+@torch.no_grad()
+def start_as_identity(module: nn.Module) -> None:
+    """Initialise a new block so that it passes its input through: an attention block (whose output is added
+    to its input) and a ResNet (output = shortcut(input) + conv2(...)) get a zero last projection, so they start
+    as the identity (a ResNet that changes width starts as its shortcut); a strided-conv downsampler starts as
+    2x2 average pooling, a conv upsampler as nearest upsampling. The zero projections still receive gradients,
+    so the block learns from the first step (as ControlNet's zero convolutions do). Other modules are left."""
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    if isinstance(module, Transformer2DModel):
+        nn.init.zeros_(module.proj_out.weight)
+        if module.proj_out.bias is not None:
+            nn.init.zeros_(module.proj_out.bias)
+    elif isinstance(module, ResnetBlock2D):
+        nn.init.zeros_(module.conv2.weight)
+        if module.conv2.bias is not None:
+            nn.init.zeros_(module.conv2.bias)
+    elif isinstance(module, Downsample2D | Upsample2D) and isinstance(module.conv, nn.Conv2d):
+        conv = module.conv
+        if conv.in_channels != conv.out_channels or conv.kernel_size != (3, 3):
+            return
+        conv.weight.zero_()
+        channels = torch.arange(conv.out_channels)
+        if isinstance(module, Downsample2D):  # stride 2, padding 1: output (i, j) sees inputs 2i-1..2i+1
+            for di in (1, 2):
+                for dj in (1, 2):
+                    conv.weight[channels, channels, di, dj] = 0.25
+        else:  # after a nearest upsampling: pass the centre through
+            conv.weight[channels, channels, 1, 1] = 1.0
+        if conv.bias is not None:
+            conv.bias.zero_()

@@ -74,3 +74,51 @@ def test_mismatched_widths_are_refused():
     student = FlexibleUNet2DConditionModel.from_arch(UNetArch.from_dict(data))
     with pytest.raises(ConfigError, match=r"down\[1\] has 64 channels, teacher down\[1\] has 80"):
         inherit_weights(student, teacher)
+
+
+def test_new_modules_can_start_as_the_identity():
+    """An attention the teacher lacks, started as the identity, leaves the teacher's function intact; started
+    fresh it perturbs every output after it."""
+    torch.manual_seed(0)
+    teacher = FlexibleUNet2DConditionModel.from_arch(get_arch("shapes")).eval()
+    data = get_arch("shapes").to_dict()
+    data["down"][0].update(attentions=1, heads=2)  # attention at 16x16, where the teacher has none
+    student_arch = UNetArch.from_dict(data)
+    x, e, t = torch.randn(2, 3, 16, 16), torch.randn(2, 4, 16), torch.tensor([10, 700])
+    outputs = {}
+    for new in ("fresh", "identity"):
+        torch.manual_seed(1)
+        student = FlexibleUNet2DConditionModel.from_arch(student_arch).eval()
+        report = inherit_weights(student, teacher, new=new)
+        assert {m.module for m in report.by_status("new")} == {"down_blocks.0.attentions.0"}
+        with torch.no_grad():
+            outputs[new] = student(x, t, e).sample
+    with torch.no_grad():
+        reference = teacher(x, t, e).sample
+    torch.testing.assert_close(outputs["identity"], reference)
+    assert (outputs["fresh"] - reference).abs().max() > 1e-3
+    proj = student.down_blocks[0].attentions[0].proj_out
+    assert proj.weight.requires_grad and not proj.weight.any()  # zero, but it still learns
+
+
+def test_new_resamplers_start_as_pooling_and_nearest_upsampling():
+    from diffusers.models.resnet import Downsample2D, Upsample2D
+
+    from search_spaces.inherit import start_as_identity
+
+    torch.manual_seed(0)
+    down = Downsample2D(4, use_conv=True, out_channels=4, padding=1, name="op")
+    up = Upsample2D(4, use_conv=True, out_channels=4)
+    start_as_identity(down)
+    start_as_identity(up)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(down(x), torch.nn.functional.avg_pool2d(x, 2))
+        torch.testing.assert_close(up(x), torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def test_unknown_new_module_initialisation_is_refused():
+    teacher = FlexibleUNet2DConditionModel.from_arch(get_arch("shapes"))
+    student = FlexibleUNet2DConditionModel.from_arch(get_arch("shapes"))
+    with pytest.raises(ConfigError, match="new_modules"):
+        inherit_weights(student, teacher, new="zeros")

@@ -224,9 +224,9 @@ budget: {trials: 6}
 """
     path = write(tmp_path, text)
     db = tmp_path / "runs" / "intr" / "study.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # one core each, as the suite runs
     proc = subprocess.Popen([sys.executable, "-m", "nas", "search", str(path)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if db.is_file():
@@ -247,7 +247,7 @@ budget: {trials: 6}
             if t.state == TrialState.COMPLETE}
     assert done
     res = subprocess.run([sys.executable, "-m", "nas", "search", str(path), "--resume"], cwd=tmp_path,
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     study = optuna.load_study(study_name="intr", storage=f"sqlite:///{db}")
     assert counted(study) == 6

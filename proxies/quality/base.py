@@ -35,7 +35,9 @@ def make_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
 class QualityContext:
     """What a proxy may use. ``micro_batch`` splits each batch to bound memory (gradients accumulate);
     ``gradient_checkpointing`` trades compute for memory on big models. ``space`` and ``cache_dir`` serve
-    proxies with one-time work (the surrogate chooses its anchor archs in the space and caches its runs)."""
+    proxies with one-time work (the surrogate chooses its anchor archs in the space and caches its runs).
+    ``new_modules``: how inheritance starts what the teacher lacks (``fresh`` or ``identity``, see
+    :func:`search_spaces.inherit.inherit_weights`)."""
 
     data: LatentCache
     teacher: nn.Module | None = None
@@ -49,6 +51,7 @@ class QualityContext:
     scheduler: DDPMScheduler = field(default_factory=make_scheduler)
     space: Any = None
     cache_dir: Path | None = None
+    new_modules: str = "fresh"
 
     def build(self, arch: UNetArch, seed: int | None = None) -> FlexibleUNet2DConditionModel:
         """A freshly initialised model for ``arch`` (deterministic under the seed) on the context's device."""

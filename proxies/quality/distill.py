@@ -44,7 +44,7 @@ class Distill(QualityProxy):
         if ctx.teacher is None:
             raise ConfigError("the distillation proxy needs a teacher", field="teacher")
         student = ctx.build(arch)
-        inherited = inherit_weights(student, ctx.teacher)
+        inherited = inherit_weights(student, ctx.teacher, new=ctx.new_modules)
         history = None
         if self.steps:
             history = train(student, ctx, self.steps, lr=self.lr, teacher=ctx.teacher, feature_kd=self.feature_kd,

@@ -34,7 +34,7 @@ def full_fidelity(arch: UNetArch, ctx: QualityContext, steps: int, lr: float = 1
         raise ConfigError("full-fidelity runs distil from a teacher", field="teacher")
     start = time.perf_counter()
     model = ctx.build(arch)
-    inherit_weights(model, ctx.teacher)
+    inherit_weights(model, ctx.teacher, new=ctx.new_modules)
     train(model, ctx, steps, lr=lr, seed=seed, teacher=ctx.teacher, schedule="cosine", warmup=warmup)
     val = min(len(ctx.data.split("val")), eval_items or len(ctx.data.split("val")))
     loss = evaluate(model, replace(ctx, eval_items=val, eval_timesteps=GT_TIMESTEPS))["task_loss"]
@@ -53,7 +53,7 @@ def cheap_features(arch: UNetArch, ctx: QualityContext, steps: int, lr: float = 
     start = time.perf_counter()
     fctx = replace(ctx, eval_items=eval_items)
     model = ctx.build(arch)
-    report = inherit_weights(model, ctx.teacher)
+    report = inherit_weights(model, ctx.teacher, new=ctx.new_modules)
     loss0 = evaluate(model, fctx)["task_loss"]
     curve: dict[int, float] = {0: loss0}
     clock: dict[int, float] = {0: time.perf_counter() - start}  # seconds spent when each point was known

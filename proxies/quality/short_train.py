@@ -28,7 +28,7 @@ class ShortTrain(QualityProxy):
         if self.init == "inherit":
             if ctx.teacher is None:
                 raise ConfigError("init: inherit needs a teacher", field="teacher")
-            inherit_weights(model, ctx.teacher)
+            inherit_weights(model, ctx.teacher, new=ctx.new_modules)
         history = train(model, ctx, self.steps, lr=self.lr, report=report, eval_every=self.eval_every)
         metrics = evaluate(model, ctx)
         return metrics["task_loss"], {**metrics, "stopped_at": history["stopped_at"],
