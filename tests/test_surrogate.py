@@ -92,7 +92,8 @@ def test_killed_one_time_work_resumes_to_the_uninterrupted_result(tmp_path):
     assert not list(tmp_path.rglob("*.tmp*"))
 
 
-@pytest.mark.parametrize("extra", [{}, {"features": ["loss@K", "macs"], "schedule": "cosine", "lr": 2e-3}])
+@pytest.mark.parametrize("extra", [{}, {"features": ["loss@K", "macs"], "schedule": "cosine", "lr": 2e-3},
+                                   {"new_modules": "identity"}])
 def test_deterministic_under_its_seed_without_a_cache(extra):
     namespace: dict = {"__name__": "surrogate_script"}
     exec(compile(SCRIPT, "surrogate_script", "exec"), namespace)
@@ -108,13 +109,35 @@ def test_features_and_schedule_change_the_fit_and_its_cache_key():
     assert "features" not in default.options  # the default's cache folder keeps its old key
     assert short.features == ("loss@K", "macs") and short.options["schedule"] == "cosine"
     assert short.name.endswith("_cosine") and short.name != default.name
+    identity = make_proxy("surrogate", new_modules="identity")
+    assert "new_modules" not in default.options and identity.options["new_modules"] == "identity"
+
+
+def test_identity_new_modules_reach_every_inheriting_proxy():
+    """``new_modules: identity`` changes what inheritance gives an arch with an attention the teacher lacks (the
+    held-out loss right after inheritance), for the distillation proxy as for inherited short training."""
+    from proxies.data import digits_cache
+    from proxies.quality import QualityContext
+    from search_spaces import UNetArch, get_arch
+
+    torch.manual_seed(0)
+    ctx = QualityContext(data=digits_cache(seed=0), seed=3, batch_size=8, eval_items=8)
+    ctx.teacher = ctx.build(get_arch("digits"), seed=3).eval()
+    data = get_arch("digits").to_dict()
+    data["up"][0].update(attentions=1, heads=2)  # the teacher has none there
+    arch = UNetArch.from_dict(data)
+    for name, opts in (("distill", {"steps": 0, "metric": "task"}), ("short_train", {"init": "inherit", "steps": 1,
+                                                                                    "lr": 1e-12, "eval_every": 1})):
+        fresh, identity = (make_proxy(name, **opts, new_modules=n)(arch, ctx).score for n in ("fresh", "identity"))
+        assert fresh != identity, name
+        assert make_proxy(name, **opts, new_modules="identity")(arch, ctx).score == identity  # deterministic
 
 
 @pytest.mark.parametrize("options,field", [
     ({"anchors": 2}, "anchors"), ({"steps": -1}, "steps"), ({"warmup": 1.5}, "warmup"),
     ({"lr": 0}, "lr"), ({"anchors": 8, "pool": 4}, "pool"), ({"anchor_steps": "many"}, "anchor_steps"),
     ({"features": ["loss@K", "flops"]}, "features"), ({"features": "macs"}, "features"),
-    ({"features": []}, "features"), ({"schedule": "linear"}, "schedule"),
+    ({"features": []}, "features"), ({"schedule": "linear"}, "schedule"), ({"new_modules": "zero"}, "new_modules"),
 ])
 def test_bad_options_are_config_errors(options, field):
     with pytest.raises(ConfigError) as exc:
@@ -131,6 +154,18 @@ def test_bad_option_in_experiment_file_is_file_line_field_and_exit_2(tmp_path):
     res = CliRunner().invoke(app, ["search", str(exp)])
     assert res.exit_code == 2, res.output
     assert f"{exp}:7: objectives[1].anchors: must be an integer >= 3" in " ".join(res.output.split())
+    assert "Traceback" not in res.output and not (tmp_path / "runs").exists()
+
+
+def test_bad_new_modules_in_experiment_file_is_file_line_field_and_exit_2(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: dis\nspace: digits\ndata: digits\nteacher: {arch: digits, train_steps: 2}\n"
+                   "objectives:\n  - {name: params, kind: params}\n"
+                   "  - {name: quality, kind: quality, proxy: distill, options: {new_modules: random}}\n"
+                   f"budget: {{trials: 2}}\noutput_dir: {tmp_path / 'runs'}\n")
+    res = CliRunner().invoke(app, ["search", str(exp)])
+    assert res.exit_code == 2, res.output
+    assert f"{exp}:7: objectives[1].new_modules: must be one of fresh, identity" in " ".join(res.output.split())
     assert "Traceback" not in res.output and not (tmp_path / "runs").exists()
 
 

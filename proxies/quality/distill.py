@@ -7,25 +7,33 @@ details carry both and the inheritance summary.
 
 ``schedule="cosine"`` (linear warm-up over ``warmup`` of the steps, then a decay to zero) makes the K steps the
 benchmark's ground-truth protocol shrunk: the score is read at a converged point of a short run rather than
-mid-way through a constant-rate one.
+mid-way through a constant-rate one. ``new_modules="identity"`` starts the modules the teacher lacks as the
+identity (:func:`search_spaces.inherit.inherit_weights`).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from search_spaces import ConfigError, UNetArch
-from search_spaces.inherit import inherit_weights
+from search_spaces.inherit import NEW_MODULES, inherit_weights
 
 from .base import QualityContext, QualityProxy, Report, evaluate
 from .train import train
+
+
+def check_new_modules(value: Any) -> None:
+    if value not in NEW_MODULES:
+        raise ConfigError(f"must be one of {', '.join(NEW_MODULES)}, got {value!r}", field="new_modules")
 
 
 class Distill(QualityProxy):
     kind = "distill"
 
     def __init__(self, steps: int = 0, lr: float = 5e-4, metric: str = "kd", feature_kd: bool = True,
-                 schedule: str = "constant", warmup: float = 0.1):
+                 schedule: str = "constant", warmup: float = 0.1, new_modules: str = "fresh"):
+        check_new_modules(new_modules)
         if metric not in ("kd", "task"):
             raise ConfigError(f"metric must be kd or task, got {metric!r}", field="metric")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
@@ -37,12 +45,13 @@ class Distill(QualityProxy):
         if not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0:
             raise ConfigError(f"must be a number > 0, got {lr!r}", field="lr")
         self.steps, self.lr, self.metric, self.feature_kd = steps, lr, metric, feature_kd
-        self.schedule, self.warmup = schedule, float(warmup)
+        self.schedule, self.warmup, self.new_modules = schedule, float(warmup), new_modules
         self.name = f"distill_{metric}@{steps}" + ("_cosine" if schedule == "cosine" else "")
 
     def compute(self, arch: UNetArch, ctx: QualityContext, report: Report | None) -> tuple[float, dict[str, Any]]:
         if ctx.teacher is None:
             raise ConfigError("the distillation proxy needs a teacher", field="teacher")
+        ctx = replace(ctx, new_modules=self.new_modules)
         student = ctx.build(arch)
         inherited = inherit_weights(student, ctx.teacher, new=ctx.new_modules)
         history = None

@@ -22,6 +22,7 @@ import json
 import math
 import random
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from search_spaces import ConfigError, UNetArch
 from search_spaces.yamlio import atomic_write
 
 from .base import QualityContext, QualityProxy, Report
+from .distill import check_new_modules
 from .fidelity import FEATURES, cheap_features, feature_vector, full_fidelity
 
 
@@ -96,14 +98,16 @@ class Surrogate(QualityProxy):
     default all), then per trial ``steps`` distillation steps at ``lr`` (``schedule`` constant, or cosine to zero
     after ``warmup``: the ground-truth protocol shrunk) scored on ``eval_items`` items, and a ridge regression of
     the full-fidelity held-out loss on ``features`` (a subset of ``loss@0``, ``loss@K``, ``new_fraction``,
-    ``macs``, ``params``; few features generalise from few anchors) (lower is better)."""
+    ``macs``, ``params``; few features generalise from few anchors) (lower is better). ``new_modules``: how
+    inheritance starts what the teacher lacks, in the anchors' runs and the trials' alike."""
 
     kind = "surrogate"
 
     def __init__(self, anchors: int = 8, anchor_steps: int = 200, anchor_lr: float = 1e-3, warmup: float = 0.1,
                  steps: int = 5, lr: float = 5e-4, eval_items: int = 64, pool: int = 256,
                  anchor_eval_items: int | None = None, features: list[str] | tuple[str, ...] = FEATURES,
-                 schedule: str = "constant"):
+                 schedule: str = "constant", new_modules: str = "fresh"):
+        check_new_modules(new_modules)
         for field, value, low in (("anchors", anchors, 3), ("anchor_steps", anchor_steps, 1), ("steps", steps, 0),
                                   ("eval_items", eval_items, 1), ("pool", pool, 1),
                                   ("anchor_eval_items", 1 if anchor_eval_items is None else anchor_eval_items, 1)):
@@ -127,6 +131,9 @@ class Surrogate(QualityProxy):
                         "pool": pool, "anchor_eval_items": anchor_eval_items}
         if tuple(features) != FEATURES or schedule != "constant":  # cache keys of the defaults stay as they were
             self.options.update(features=list(features), schedule=schedule)
+        if new_modules != "fresh":
+            self.options["new_modules"] = new_modules
+        self.new_modules = new_modules
         self.features, self.schedule = tuple(features), schedule
         self.name = f"surrogate{anchors}x{anchor_steps}@{steps}" + ("_cosine" if schedule == "cosine" else "")
         self._model: Any = None
@@ -137,6 +144,7 @@ class Surrogate(QualityProxy):
         """The anchors' full-fidelity losses and cheap features, from the cache where it has them."""
         if ctx.space is None:
             raise ConfigError("the surrogate proxy needs the search space to place its anchors", field="space")
+        ctx = replace(ctx, new_modules=self.new_modules)
         o = self.options
         archs = design(ctx.space, o["anchors"], ctx.seed, o["pool"], text_len=ctx.data.text.shape[1])
         folder = self.cache_folder(ctx)
@@ -182,6 +190,6 @@ class Surrogate(QualityProxy):
 
     def compute(self, arch: UNetArch, ctx: QualityContext, report: Report | None) -> tuple[float, dict[str, Any]]:
         model = self.fit(ctx)
-        feats = self._features(arch, ctx)
+        feats = self._features(arch, replace(ctx, new_modules=self.new_modules))
         predicted = math.exp(float(model.predict(np.array([feature_vector(feats, self.features)]))[0]))
         return predicted, {"predicted_task_loss": predicted, **{k: feats[k] for k in FEATURES}}
