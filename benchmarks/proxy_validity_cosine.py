@@ -119,7 +119,8 @@ def setup(args) -> tuple[QualityContext, SearchSpace, list[UNetArch], list[UNetA
 
 def gt(args, ctx, arch, steps, data_seed) -> dict:
     path = args.work / f"gt-{arch_key(arch)}-{steps}-{data_seed}.json"
-    return cached(path, lambda: {"arch": arch.to_dict(), **full_fidelity(arch, ctx, steps, seed=data_seed)})
+    return cached(path, lambda: {"arch": arch.to_dict(),
+                                 **full_fidelity(arch, ctx, steps, lr=args.gt_lr, seed=data_seed)})
 
 
 def features(args, ctx, arch) -> dict:
@@ -232,6 +233,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--archs", type=int, default=24)
     parser.add_argument("--gt-steps", type=int, default=200)
+    parser.add_argument("--gt-lr", type=float, default=1e-3, help="peak learning rate of the ground-truth runs")
     parser.add_argument("--long-factor", type=int, default=5)
     parser.add_argument("--validate", type=int, default=10, help="design archs: 5x validation, surrogate anchors")
     parser.add_argument("--repeat", type=int, default=6)
@@ -243,9 +245,10 @@ if __name__ == "__main__":
     parser.add_argument("--new-modules", choices=("fresh", "identity"), default="fresh",
                         help="how inheritance starts the modules the teacher lacks (every run: GT and proxies)")
     parser.add_argument("--work", type=Path, default=None,
-                        help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN[_identity])")
+                        help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN[_identity][_gtlrX])")
     args = parser.parse_args()
     init = "" if args.new_modules == "fresh" else f"_{args.new_modules}"
+    init += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"
     args.work = args.work or Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}{init}"
     args.archs = 0 if args.tests == "table" else args.archs
     torch.set_num_threads(1)

@@ -66,9 +66,10 @@ def report(args, setup, gt, features, group) -> None:
         return {**f, "short": short} if f and all(short.values()) else None
     out: dict = {"benchmark_name": args.benchmark, "n_archs": 0, "seed": args.seed, "gt_steps": args.gt_steps,
                  "gt_init": "inherit", "new_modules": args.new_modules, "batch": args.batch,
-                 "gt_protocol": "BK-SDM distillation from inherited weights, AdamW lr 1e-3, cosine to zero after "
-                                "10% linear warm-up, batches of --batch; held-out loss on the whole validation split "
-                                "x 20 timesteps",
+                 "gt_protocol": f"BK-SDM distillation from inherited weights, AdamW lr {args.gt_lr:g}, cosine to "
+                                "zero after 10% linear warm-up, batches of --batch; held-out loss on the whole "
+                                "validation split x 20 timesteps",
+                 "gt_lr": args.gt_lr,
                  "teacher_steps": args.teacher_steps, "threads": 1, "trials_amortised_over": TRIALS}
 
     # 1. validity against 5x longer training
@@ -234,4 +235,5 @@ def _write(args, out: dict) -> None:
     suffix = "" if args.benchmark == "digits" else f"_{args.benchmark}"
     suffix += "" if args.seed == 0 else f"_seed{args.seed}"
     suffix += "" if args.new_modules == "fresh" else f"_{args.new_modules}"
+    suffix += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"
     print(f"wrote {write_result(f'proxy_validity_cosine{suffix}', out)}")
