@@ -28,6 +28,8 @@ def export_cmd(
                                              "the run's.")] = None,
     storage: Annotated[str | None, typer.Option(help="The run's storage URL if not its study.db.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the weights that are not inherited.")] = 0,
+    new_modules: Annotated[str, typer.Option("--new-modules", help="How the modules the teacher lacks start: "
+                                             "fresh (random) or identity (pass their input through).")] = "fresh",
     pipeline: Annotated[Path | None, typer.Option(help="Also write a diffusers pipeline folder here "
                                                   "(StableDiffusionPipeline / DiffusionPipeline.from_pretrained "
                                                   "load it).")] = None,
@@ -59,7 +61,7 @@ def export_cmd(
         source = {"arch": str(arch)}
     folder, report = export(chosen, out, teacher=teacher_dir, teacher_subfolder=subfolder, data=data,
                             recipe=recipe, seed=seed, source=source, allow_pickle=allow_pickle, pipeline=pipeline,
-                            pipeline_from=pipeline_from)
+                            pipeline_from=pipeline_from, new_modules=new_modules)
     console.print(f"wrote {folder}: config.json + diffusion_pytorch_model.safetensors, arch.yaml, "
                   "inheritance.json, train.yaml")
     if pipeline is not None:

@@ -22,7 +22,7 @@ import torch
 
 from search_spaces import ConfigError, FlexibleUNet2DConditionModel, UNetArch
 from search_spaces.checkpoints import load_unet
-from search_spaces.inherit import InheritanceReport, inherit_weights
+from search_spaces.inherit import NEW_MODULES, InheritanceReport, inherit_weights
 from search_spaces.yamlio import atomic_write, dump_json, dump_yaml, read_file
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -131,14 +131,18 @@ def export(arch: UNetArch, out: str | os.PathLike, teacher: str | os.PathLike | 
            teacher_subfolder: str | None = None, data: str | None = None, recipe: str | os.PathLike | None = None,
            seed: int = 0, source: dict[str, Any] | None = None, allow_pickle: bool = False,
            pipeline: str | os.PathLike | None = None,
-           pipeline_from: str | os.PathLike | None = None) -> tuple[Path, InheritanceReport | None]:
-    """Build ``arch`` (fresh weights under ``seed``), inherit the teacher's weights where it keeps a block, and
+           pipeline_from: str | os.PathLike | None = None,
+           new_modules: str = "fresh") -> tuple[Path, InheritanceReport | None]:
+    """Build ``arch`` (fresh weights under ``seed``), inherit the teacher's weights where it keeps a block (the
+    modules it lacks start per ``new_modules``, see :func:`~search_spaces.inherit.inherit_weights`), and
     write the model folder ``out`` atomically. With ``pipeline``, also a diffusers pipeline folder of the model
     with the VAE, text encoder and tokenizer of ``pipeline_from`` (default: the teacher's Stable Diffusion folder)
     and the recipe's scheduler (:mod:`nas.pipeline`). Returns the model folder and the inheritance report."""
     from .pipeline import find_parts, write_pipeline
 
     out = Path(out)
+    if new_modules not in NEW_MODULES:
+        raise ConfigError(f"must be one of {', '.join(NEW_MODULES)}, got {new_modules!r}", field="--new-modules")
     if out.exists() and any(out.iterdir()):
         raise ConfigError("the output folder exists and is not empty", field="--out", source=str(out))
     if pipeline is not None:
@@ -160,7 +164,7 @@ def export(arch: UNetArch, out: str | os.PathLike, teacher: str | os.PathLike | 
     teacher_dir = None
     if teacher is not None:
         teacher_model = load_unet(teacher, subfolder=teacher_subfolder, allow_pickle=allow_pickle)
-        report = inherit_weights(student, teacher_model)
+        report = inherit_weights(student, teacher_model, new=new_modules)
         teacher_dir = str(Path(teacher).resolve())
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +173,7 @@ def export(arch: UNetArch, out: str | os.PathLike, teacher: str | os.PathLike | 
         student.save_pretrained(tmp, safe_serialization=True)
         atomic_write(tmp / "arch.yaml", arch.to_yaml())
         info = {"source": source or {}, "teacher": teacher_dir, "teacher_subfolder": teacher_subfolder,
+                "new_modules": new_modules if teacher is not None else None,
                 "params": sum(p.numel() for p in student.parameters())}
         if report is not None:
             info.update(report.to_dict())

@@ -129,6 +129,28 @@ def test_export_errors(exported, tmp_path):
     res = runner.invoke(app, ["export", "--arch", "digits", "--teacher", str(tmp_path), "--out", str(tmp_path / "y")])
     assert res.exit_code == 2 and "no config.json" in res.output
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.*"))
+    res = runner.invoke(app, ["export", "--arch", "digits", "--teacher", str(root / "teacher"), "--new-modules",
+                              "zero", "--out", str(tmp_path / "z")])
+    assert res.exit_code == 2 and "--new-modules: must be one of fresh, identity" in " ".join(res.output.split())
+    assert "Traceback" not in res.output and not (tmp_path / "z").exists()
+
+
+def test_export_can_start_new_modules_as_the_identity(exported, tmp_path):
+    """--new-modules identity: an attention the teacher lacks starts as the identity, so the exported student
+    computes what the teacher computes."""
+    root, _, teacher = exported
+    data = get_arch("digits").to_dict()
+    data["up"][0].update(attentions=1, heads=2)  # the teacher has none there
+    (tmp_path / "arch.yaml").write_text(UNetArch.from_dict(data).to_yaml())
+    res = runner.invoke(app, ["export", "--arch", str(tmp_path / "arch.yaml"), "--teacher", str(root / "teacher"),
+                              "--new-modules", "identity", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "s" / "inheritance.json").read_text())
+    assert info["new_modules"] == "identity" and info["new_params"] > 0
+    model = FlexibleUNet2DConditionModel.from_pretrained(tmp_path / "s").eval()
+    x, t, text = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.randn(2, 8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, text).sample, teacher.eval()(x, t, text).sample)
 
 
 def test_exported_model_runs_in_a_stable_diffusion_pipeline(exported):
