@@ -245,10 +245,12 @@ if __name__ == "__main__":
     parser.add_argument("--new-modules", choices=("fresh", "identity"), default="fresh",
                         help="how inheritance starts the modules the teacher lacks (every run: GT and proxies)")
     parser.add_argument("--work", type=Path, default=None,
-                        help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN[_identity][_gtlrX])")
+                        help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN, suffixed by the "
+                             "options that differ from their defaults)")
     args = parser.parse_args()
     init = "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     init += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"
+    init += "" if args.teacher_steps == 400 else f"_teacher{args.teacher_steps}"
     args.work = args.work or Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}{init}"
     args.archs = 0 if args.tests == "table" else args.archs
     torch.set_num_threads(1)

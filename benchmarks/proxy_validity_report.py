@@ -236,4 +236,5 @@ def _write(args, out: dict) -> None:
     suffix += "" if args.seed == 0 else f"_seed{args.seed}"
     suffix += "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     suffix += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"
+    suffix += "" if args.teacher_steps == 400 else f"_teacher{args.teacher_steps}"
     print(f"wrote {write_result(f'proxy_validity_cosine{suffix}', out)}")
