@@ -22,7 +22,7 @@ import torch
 
 from search_spaces import ConfigError, FlexibleUNet2DConditionModel, UNetArch
 from search_spaces.checkpoints import load_unet
-from search_spaces.inherit import NEW_MODULES, InheritanceReport, inherit_weights
+from search_spaces.inherit import InheritanceReport, check_new_modules, inherit_weights
 from search_spaces.yamlio import atomic_write, dump_json, dump_yaml, read_file
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -141,8 +141,7 @@ def export(arch: UNetArch, out: str | os.PathLike, teacher: str | os.PathLike | 
     from .pipeline import find_parts, write_pipeline
 
     out = Path(out)
-    if new_modules not in NEW_MODULES:
-        raise ConfigError(f"must be one of {', '.join(NEW_MODULES)}, got {new_modules!r}", field="--new-modules")
+    check_new_modules(new_modules, field="--new-modules")
     if out.exists() and any(out.iterdir()):
         raise ConfigError("the output folder exists and is not empty", field="--out", source=str(out))
     if pipeline is not None:

@@ -175,13 +175,18 @@ def _attentions_after(resnets: int, attentions: int) -> dict[int, tuple[int, int
 NEW_MODULES = ("fresh", "identity")
 
 
+def check_new_modules(value: Any, field: str = "new_modules") -> None:
+    """Refuse a ``new_modules`` value other than those of NEW_MODULES, naming ``field``."""
+    if value not in NEW_MODULES:
+        raise ConfigError(f"must be one of {', '.join(NEW_MODULES)}, got {value!r}", field=field)
+
+
 @torch.no_grad()
 def inherit_weights(student: nn.Module, teacher: nn.Module, new: str = "fresh") -> InheritanceReport:
     """Copy into ``student`` (a FlexibleUNet2DConditionModel) every block it keeps from ``teacher`` (a
     FlexibleUNet2DConditionModel or SD-family UNet2DConditionModel); return what was inherited. ``new``: how
     the modules the teacher cannot provide start (``"fresh"`` or ``"identity"``, see the module docstring)."""
-    if new not in NEW_MODULES:
-        raise ConfigError(f"must be one of {', '.join(NEW_MODULES)}, got {new!r}", field="new_modules")
+    check_new_modules(new)
     mapping = module_map(teacher_arch(student), teacher_arch(teacher))
     t_state = teacher.state_dict()
     s_params = dict(student.named_parameters())

@@ -17,15 +17,10 @@ from dataclasses import replace
 from typing import Any
 
 from search_spaces import ConfigError, UNetArch
-from search_spaces.inherit import NEW_MODULES, inherit_weights
+from search_spaces.inherit import check_new_modules, inherit_weights
 
 from .base import QualityContext, QualityProxy, Report, evaluate
 from .train import train
-
-
-def check_new_modules(value: Any) -> None:
-    if value not in NEW_MODULES:
-        raise ConfigError(f"must be one of {', '.join(NEW_MODULES)}, got {value!r}", field="new_modules")
 
 
 class Distill(QualityProxy):

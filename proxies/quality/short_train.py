@@ -7,10 +7,9 @@ from dataclasses import replace
 from typing import Any
 
 from search_spaces import ConfigError, UNetArch
-from search_spaces.inherit import inherit_weights
+from search_spaces.inherit import check_new_modules, inherit_weights
 
 from .base import QualityContext, QualityProxy, Report, evaluate
-from .distill import check_new_modules
 from .train import train
 
 

@@ -30,10 +30,10 @@ import numpy as np
 
 from proxies.cost import arch_costs
 from search_spaces import ConfigError, UNetArch
+from search_spaces.inherit import check_new_modules
 from search_spaces.yamlio import atomic_write
 
 from .base import QualityContext, QualityProxy, Report
-from .distill import check_new_modules
 from .fidelity import FEATURES, cheap_features, feature_vector, full_fidelity
 
 
