@@ -33,7 +33,7 @@ from tests.conftest import MICRO_SPACE_YAML
 SPACE_YAML = MICRO_SPACE_YAML
 SHAPE = ["--batch", "1", "--resolution", "64", "--text-len", "8"]
 SETTINGS = Settings(dtype="fp32", batch=1, resolution=64, text_len=8, threads=None)
-FAST = Protocol(statistic="median", warmup=2, min_repeats=5, max_repeats=10)
+TIMING = Protocol(statistic="min", warmup=2, min_repeats=5, max_repeats=10)  # robust to load spikes
 runner = CliRunner()
 
 
@@ -137,10 +137,16 @@ def test_predicts_held_out_whole_networks_timed_the_same_way(flow):
         else:
             export_network(arch, SETTINGS, path)
         paths.append(path)
-    measured = [t.ms for t in time_files(paths, "cpu", 1, FAST)]
+    # The calibration networks are timed again in the same interleaved group: on a shared machine the load
+    # when the profile was taken is not the load now, and their ratio says by how much the machine drifted.
+    manifest = load_manifest(flow["export"])
+    cal_paths = [manifest.path(m) for m in manifest.networks]
+    measured = [t.ms for t in time_files([*paths, *cal_paths], "cpu", 1, TIMING, group=len(paths) + len(cal_paths))]
+    drift = float(np.median([now / c.timing.ms for now, c in zip(measured[len(paths):], profile.calibration,
+                                                                   strict=True)]))
     lut = LUTPredictor(profile)
-    for arch, ms in zip(archs, measured, strict=True):
-        assert 1 / 3 < lut.predict(arch) / ms < 3, (lut.predict(arch), ms)
+    for arch, ms in zip(archs, measured, strict=False):
+        assert 1 / 3 < lut.predict(arch) * drift / ms < 3, (lut.predict(arch), ms, drift)
 
 
 def _tamper_manifest(export: Path, tmp: Path) -> list[str]:
