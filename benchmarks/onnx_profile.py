@@ -38,15 +38,9 @@ from scipy.stats import kendalltau, spearmanr
 
 from proxies.cost import arch_costs
 from proxies.latency.lut import LUTPredictor
-from proxies.latency.onnx_export import (
-    Manifest,
-    export_network,
-    export_space,
-    load_manifest,
-    require_onnx,
-    space_hash,
-)
+from proxies.latency.onnx_export import export_network, export_space, require_onnx
 from proxies.latency.onnx_import import import_profile
+from proxies.latency.onnx_manifest import Manifest, load_manifest, space_hash
 from proxies.latency.onnx_runtime import time_files, time_manifest, write_timings
 from proxies.latency.profile import Protocol, Settings, Timing
 from proxies.latency.timing import cpu_name

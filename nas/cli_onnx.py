@@ -112,7 +112,7 @@ def profile_run_onnx(
 ) -> None:
     """Time every model of an export with ONNX Runtime (warm-up, median of repeats, spread) and write the
     key,ms,repeats,spread CSV that `profile import` reads (ms: the --statistic of the repeats)."""
-    from proxies.latency.onnx_export import load_manifest
+    from proxies.latency.onnx_manifest import load_manifest
     from proxies.latency.onnx_runtime import time_manifest, write_timings
     from proxies.latency.profile import Protocol
 

@@ -141,6 +141,9 @@ class RayOptions(_Strict):
     gpus_per_trial: float = Field(0, ge=0)
     max_concurrent: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
+    # keep a worker process for the next trial (Ray Tune's reuse_actors): its imports and prepared evaluator
+    # (teacher, profile) stay loaded; a worker whose trial failed or could not stop in time is never reused
+    reuse_actors: bool = True
     asha: AshaOptions | None = None  # needs a short_train quality objective
 
 

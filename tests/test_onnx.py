@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from nas.cli import app
 from proxies.latency.blocks import space_blocks
 from proxies.latency.lut import LUTPredictor, block_sum
-from proxies.latency.onnx_export import export_checked, export_network, load_manifest, ort_session, space_hash
+from proxies.latency.onnx_export import export_checked, export_network, ort_session
+from proxies.latency.onnx_manifest import load_manifest, space_hash
 from proxies.latency.onnx_runtime import time_files
 from proxies.latency.profile import LatencyProfile, Protocol, Settings
 from search_spaces.flexible_unet import FlexibleUNet2DConditionModel

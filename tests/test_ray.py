@@ -143,6 +143,8 @@ def test_cli_search_on_two_nodes_writes_the_local_outputs_and_resumes(cluster, t
         assert t.user_attrs["feasible"] == (t.values[0] <= 400000)
         assert t.user_attrs["host"] == socket.gethostname() and len(t.user_attrs["node"]) == 56  # a Ray node id
         assert "restarts" not in t.user_attrs
+    # reuse_actors (the default): the two workers run the four trials, imports and evaluator loaded once each
+    assert len({t.user_attrs["pid"] for t in trials}) < len(trials)
     assert study.metric_names == ["params", "macs"]
     first = {t.number: t.values for t in trials}
 

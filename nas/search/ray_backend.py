@@ -10,9 +10,9 @@ How it fits together (all storage writes happen on the driver, so only the drive
 * ``_DefineByRun`` is the define-by-run space: one ``suggest_categorical`` per applicable decision
   (``suggest_arch``); it returns the decoded arch and the Optuna trial id as constants in the Tune config, so a
   worker needs neither the space nor the study. A re-suggested arch carries its earlier values instead.
-* ``_trainable`` runs on a worker with ``tune.with_resources`` (CPUs, GPUs, fractions allowed). It reports the
-  objective values, the constraint values (JSON) and ``nas_final``; a short_train proxy also reports its
-  held-out loss every ``eval_every`` steps (``nas_step``) for ASHA.
+* ``_trainable`` (:mod:`.ray_worker`) runs on a worker with ``tune.with_resources`` (CPUs, GPUs, fractions allowed).
+  It reports the objective values, the constraint values (JSON) and ``nas_final``; a short_train proxy also reports
+  its held-out loss every ``eval_every`` steps (``nas_step``) for ASHA.
 * ``_StudySearch`` (an ``OptunaSearch``) sets the user attributes and ``trial.set_constraint`` before telling
   Optuna, so constraints reach NSGA-II/TPE as in the local backend. A trial that ASHA (or the wall time)
   stopped before its final report is told PRUNED, with ``stopped_at`` = the last step reported.
@@ -38,9 +38,10 @@ Known limits (also in docs/ray.md):
   trials the killed driver left RUNNING are marked FAIL with ``lost`` (not counted against the budget) and
   retried with the same arch (up to ``max_retries``, as a dead worker's trial in the local backend), then a new
   Tune run under ``runs/<name>/ray/`` takes the budget still left, queued retries first.
-* Where a trial ran and what it survived is in its user attributes: ``node`` (Ray node id) and ``host`` of
-  the attempt that finished it, ``restarts`` and ``restart_reasons`` when Ray restarted it after a failure
-  (a node lost, a worker killed); ``summary.md`` lists them under "Restarted trials".
+* Where a trial ran and what it survived is in its user attributes: ``node`` (Ray node id), ``host`` and
+  ``pid`` (worker process) of the attempt that finished it, ``restarts`` and ``restart_reasons`` when Ray
+  restarted it after a failure (a node lost, a worker killed); ``summary.md`` lists them under "Restarted
+  trials".
 * Every node must see the repository and the run folder at the same absolute path (a shared filesystem), as
   workers load the teacher and latency profile the driver prepared there. Ray pickles the searcher into
   ``runs/<name>/ray/``; its storage pickles with the URL redacted (``_PrivateRDBStorage``) and the driver finds
@@ -64,7 +65,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from nas.experiment import Experiment
-from search_spaces import ConfigError, UNetArch
+from search_spaces import ConfigError
 from search_spaces.space import SearchSpace
 from search_spaces.yamlio import dump_yaml
 
@@ -81,14 +82,13 @@ from .optuna_backend import (
 )
 from .picklable import check_picklable
 from .ray_connect import _connect, _disconnect
+from .ray_worker import _trainable
 from .tested import untested
 
 REDRAWS = 20  # draws of a trial whose arch a running trial is evaluating, before it is evaluated again
 # Driver-side objects (evaluator, storage, log) per experiment name. Ray pickles the searcher and callbacks
 # into its experiment state for Tuner.restore, so they look these up by name instead of holding them.
 _DRIVER: dict[str, dict[str, Any]] = {}
-# One prepared Evaluator per worker process and experiment (Ray reuses actors between trials).
-_WORKER: dict[str, Evaluator] = {}
 
 
 # ---- driver -----------------------------------------------------------------------------------------------------
@@ -221,6 +221,7 @@ def _tuner(exp: Experiment, evaluator: Evaluator, storage: RDBStorage, trainable
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
                                     max_concurrent_trials=exp.ray.max_concurrent, time_budget_s=wall_time,
+                                    reuse_actors=exp.ray.reuse_actors,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=name, storage_path=str(ray_dir), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=exp.ray.max_failures),
@@ -311,7 +312,7 @@ class _StudySearch(OptunaSearch):
             return  # _StudyCallback.on_trial_error records the reason, then FAIL
         ot_trial = self._ot_trials[trial_id]
         try:
-            for key in ("node", "host"):  # where the attempt that finished the trial ran
+            for key in ("node", "host", "pid"):  # where the attempt that finished the trial ran
                 if result and result.get(f"nas_{key}"):
                     ot_trial.set_user_attr(key, str(result[f"nas_{key}"]))
             if result and result.get("nas_final"):
@@ -412,70 +413,3 @@ def _local_error(trial: Any, pickled: bool) -> Any:
         return None
     data = (Path(local) / name).read_bytes()
     return cloudpickle.loads(data) if pickled else data.decode(errors="replace")
-
-
-# ---- worker -----------------------------------------------------------------------------------------------------
-
-
-def _trainable(config: dict[str, Any], exp_data: dict[str, Any], allow_pickle: bool = False) -> None:
-    """One trial on a worker: score the arch and report; raises (so Ray records an error) on any failure."""
-    from ray import tune
-
-    exp = Experiment.model_validate(exp_data)
-    names = [o.name for o in exp.objectives]
-    nas = config["nas"]
-    if nas["duplicate"] is not None:
-        dup = nas["duplicate"]
-        tune.report({**dict(zip(names, dup["values"], strict=True)), "nas_final": True, "nas_seconds": 0.0,
-                     "nas_constraints": json.dumps(dup["constraints"]), "nas_duplicate_of": dup["of"],
-                     "nas_step": _max_step(exp), **_where()})
-        return
-    evaluator = _worker_evaluator(exp, allow_pickle)
-    values, constraints, seconds = _evaluate(exp, evaluator, UNetArch.from_dict(nas["arch"]))
-    tune.report({**values, "nas_final": True, "nas_seconds": seconds, "nas_constraints": json.dumps(constraints),
-                 "nas_step": _max_step(exp), **_where()})
-
-
-def _where() -> dict[str, str]:
-    """The Ray node and the host this attempt runs on (recorded as the trial's ``node`` and ``host``)."""
-    import socket
-
-    import ray
-
-    return {"nas_node": ray.get_runtime_context().get_node_id(), "nas_host": socket.gethostname()}
-
-
-def _max_step(exp: Experiment) -> int:
-    """The short_train proxy's step count (ASHA's max_t), 1 otherwise."""
-    for o in exp.objectives:
-        if o.kind == "quality" and o.proxy == "short_train":
-            return int(o.options.get("steps", 50))
-    return 1
-
-
-def _worker_evaluator(exp: Experiment, allow_pickle: bool = False) -> Evaluator:
-    import torch
-
-    key = f"{exp.run_dir}:{exp.name}"
-    if key not in _WORKER:
-        torch.set_num_threads(max(1, int(exp.ray.cpus_per_trial)))
-        _WORKER[key] = Evaluator(exp, allow_pickle=allow_pickle).prepare()  # the teacher, profile the driver saved
-    return _WORKER[key]
-
-
-def _evaluate(exp: Experiment, evaluator: Evaluator, arch: UNetArch) -> tuple[dict[str, float], dict[str, float],
-                                                                           float]:
-    """The evaluator, with a short-training proxy's intermediate values wired to ``tune.report`` when ASHA is on."""
-    from ray import tune
-
-    report = None
-    if exp.ray.asha is not None:
-        cheap = evaluator.objectives(arch, cheap_only=True)
-
-        def report(name: str, step: int, value: float) -> bool:
-            if step < evaluator.proxy(name).steps:  # at the last step ASHA (max_t) would stop the trial early
-                tune.report({**cheap, name: float(value), "nas_step": step, **_where()})
-            return False  # ASHA stops the trial from the driver; the proxy never stops itself
-
-    ev = evaluator(arch, report=report)
-    return ev.values, ev.constraints, ev.seconds

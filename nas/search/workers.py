@@ -143,7 +143,8 @@ class RetryLostTrial(RetryHeartbeatStaleTrialCallback):
         if "arch" not in trial.user_attrs:  # lost while its parameters were drawn: no arch to evaluate again
             return
         clean = copy.deepcopy(trial)
-        for key in ("worker", "lost", "duplicate_of", "waited_for", "node", "host", "restarts", "restart_reasons"):
+        for key in ("worker", "lost", "duplicate_of", "waited_for", "node", "host", "pid", "restarts",
+                    "restart_reasons"):
             clean.user_attrs.pop(key, None)
         for key in (CLAIM_KEY, STARTED_KEY):
             clean.system_attrs.pop(key, None)

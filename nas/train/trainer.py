@@ -24,11 +24,8 @@ the model's (the next phase fine-tunes them; after the last phase they are the r
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,19 +40,17 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
 from proxies.data import LatentCache, digits_cache
-from proxies.quality.base import QualityContext, evaluate
-from proxies.quality.sampling import generate
 from proxies.quality.train import capture, paired_stages
 from proxies.shards import Draws, ShardedDataset, is_sharded, stream_loader
 from proxies.shards.store import is_remote
 from search_spaces import ConfigError, FlexibleUNet2DConditionModel, load_arch
-from search_spaces.checkpoints import load_pretrained, load_unet
+from search_spaces.checkpoints import load_unet
 from search_spaces.yamlio import atomic_write, dump_json
 
+from .checkpointing import Checkpointing
 from .lamb import Lamb
+from .outputs import CSV_FIELDS, RunOutputs, _located
 from .recipe import Phase, Recipe
-
-CSV_FIELDS = ["step", "phase", "loss", "task_loss", "kd_loss", "lr", "ema", "seconds"]
 
 
 def make_noise_scheduler(recipe: Recipe) -> DDPMScheduler:
@@ -73,7 +68,7 @@ def step_generator(seed: int, step: int, process: int, micro: int) -> torch.Gene
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-class Trainer:
+class Trainer(Checkpointing, RunOutputs):
     """Runs a recipe into ``out``: ``checkpoints/``, ``loss.csv``, ``validation/``, ``model/``,
     ``metrics.json``. ``stop_after`` ends the run (as if killed) right after that global step's checkpoint."""
 
@@ -424,194 +419,6 @@ class Trainer:
         self.ema.optimization_step = 0
         self.ema.decay = phase.ema_decay
 
-    # ---- checkpoints -----------------------------------------------------------------------------------------
-
-    def _resume_point(self, resume: bool) -> Path | None:
-        """The newest whole checkpoint with ``--resume``; refuse to train over an existing run without it."""
-        found = self.checkpoints()
-        if resume and not found:
-            raise ConfigError(f"nothing to resume: no checkpoint in {self.out / 'checkpoints'}")
-        if not resume and (found or (self.out / "metrics.json").exists()):
-            raise ConfigError(f"{self.out} already holds a run: pass --resume to continue it, or choose another "
-                              "--out")
-        self._pending = found[-1] if resume else None
-        return self._pending
-
-    def checkpoints(self) -> list[Path]:
-        """Whole checkpoints (``state.json`` is written last, inside the renamed folder), oldest first."""
-        root = self.out / "checkpoints"
-        if not root.is_dir():
-            return []
-        return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
-
-    def _save_checkpoint(self, phase_index: int) -> None:
-        acc = self.accelerator
-        root = self.out / "checkpoints"
-        final = root / f"step-{self.step:08d}"
-        tmp = root / f".tmp-step-{self.step:08d}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            root.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {"step": self.step, "phase": phase_index, "phase_name": self.recipe.phases[phase_index].name,
-                     "recipe": self.recipe.name, "seconds": round(time.perf_counter() - self._started, 3)}
-            (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in self.checkpoints()[:-self.recipe.checkpoint.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-
-    def _load(self, ckpt: Path) -> None:
-        """Restore the step from ``ckpt``. Inside a phase, the phase sets itself up and loads the whole state
-        (``self._pending``); at a phase's end only the weights, EMA and RNG states carry over, so they are loaded
-        here with no optimizer prepared (the next phase builds its own)."""
-        state = json.loads((ckpt / "state.json").read_text())
-        self.step = int(state["step"])
-        self._elapsed = float(state.get("seconds", 0.0))
-        r, acc = self.recipe, self.accelerator
-        index = int(state["phase"])
-        phase_end = r.phase_starts()[index] + r.phases[index].steps
-        if self.step >= phase_end:
-            self.model = acc.prepare(self.model)
-            self._prepared = True
-            acc.load_state(str(ckpt))
-            self._pending = None
-            self.log(f"resumed at step {self.step} (end of phase {state['phase_name']})")
-        if acc.is_main_process:  # the loss curve continues from the checkpoint: later rows were never saved
-            with open(self._csv, newline="") as fh:
-                rows = [row for row in csv.DictReader(fh) if int(row["step"]) <= self.step]
-            lines = [",".join(CSV_FIELDS)] + [",".join(row[k] for k in CSV_FIELDS) for row in rows]
-            atomic_write(self._csv, "\n".join(lines) + "\n")
-
-    # ---- logging, validation, the end -----------------------------------------------------------------------
-
-    def _log_row(self, row: dict[str, Any]) -> None:
-        acc = self.accelerator
-        if acc.is_main_process:
-            with open(self._csv, "a") as fh:
-                fh.write(",".join(_fmt(row[k]) for k in CSV_FIELDS) + "\n")
-            self.log(f"step {row['step']:>7} {row['phase']:>10}  loss {row['loss']:.4f}  lr {row['lr']:.3g}"
-                     + ("  ema" if row["ema"] else ""))
-        acc.log({k: row[k] for k in ("loss", "task_loss", "kd_loss", "lr")}, step=row["step"])
-
-    @torch.no_grad()
-    def _validate(self) -> None:
-        """A grid of samples (DDIM, trailing timesteps, rescaled CFG) for the first distinct validation captions;
-        with EMA running, from the EMA weights."""
-        acc, spec = self.accelerator, self.recipe.validation
-        if not acc.is_main_process:
-            return
-        model = acc.unwrap_model(self.model)
-        data = self.held_out(self.recipe.phases[self.recipe.phase_at(max(self.step - 1, 0))]).split("val")
-        first: dict[str, int] = {}
-        for i, caption in enumerate(data.captions):
-            if caption not in first and len(first) < spec.num_images:
-                first[caption] = i
-        if not first:
-            return
-        idx = torch.tensor(sorted(first.values()))
-        ema_on = self.ema is not None and self.recipe.phases[self.recipe.phase_at(self.step - 1)].ema
-        if ema_on:
-            self.ema.store(model.parameters())
-            self.ema.copy_to(model.parameters())
-        try:
-            uncond = data.uncond if data.uncond is not None else torch.zeros_like(data.text[:1])
-            with acc.autocast():
-                latents = generate(model, data.text[idx], uncond, self.noise, data.latent_shape, steps=spec.steps,
-                                   guidance=spec.guidance, guidance_rescale=spec.guidance_rescale,
-                                   generator=torch.Generator().manual_seed(spec.seed))
-        finally:
-            if ema_on:
-                self.ema.restore(model.parameters())
-        images = self._decode(latents.float(), data)
-        path = self.out / "validation" / f"step-{self.step:08d}.png"
-        _save_grid(images, path)
-        atomic_write(path.with_suffix(".txt"), "\n".join(data.captions[i] for i in idx.tolist()) + "\n")
-
-    def _decode(self, latents: torch.Tensor, data: LatentCache) -> torch.Tensor:
-        """Images in [0, 1]: through the recipe's VAE if given, else the latents themselves (the digits' "VAE" is
-        the identity; other latents show their first channels)."""
-        spec = self.recipe.validation
-        if spec.vae:
-            from diffusers import AutoencoderKL
-
-            vae = load_pretrained(AutoencoderKL, self.recipe.path(spec.vae), allow_pickle=self.allow_pickle).eval()
-            images = vae.decode(latents / data.scaling_factor).sample
-        else:
-            images = latents[:, :3] if latents.shape[1] >= 3 else latents[:, :1]
-        return ((images.clamp(-1, 1) + 1) / 2).cpu()
-
-    def _write_pipeline(self, model: FlexibleUNet2DConditionModel) -> None:
-        """``<output>/pipeline``: the trained model as a diffusers pipeline with the parts of the recipe's
-        ``pipeline_from`` (replacing one from an earlier finish)."""
-        from nas.pipeline import write_pipeline
-
-        r, v = self.recipe, self.recipe.validation
-        folder = self.out / "pipeline"
-        if folder.exists():
-            shutil.rmtree(folder)
-        sampling = {"num_inference_steps": v.steps, "guidance_scale": v.guidance,
-                    "guidance_rescale": v.guidance_rescale}
-        _located(lambda: write_pipeline(model, folder, r.path(r.pipeline_from), noise=r.noise, sampling=sampling,
-                                        allow_pickle=self.allow_pickle), "pipeline_from")
-        self.log(f"pipeline in {folder}")
-
-    def _finish(self, seconds: float) -> dict[str, Any]:
-        """Save the final model and write ``metrics.json``."""
-        r = self.recipe
-        model = self.accelerator.unwrap_model(self.model).eval()
-        final = self.out / "model"
-        tmp = self.out / ".tmp-model"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if r.pipeline_from is not None:
-            self._write_pipeline(model)
-        if r.validation.every == 0 or self.step % r.validation.every:
-            self._validate()
-        last = _csv_rows(self._csv)
-        tail = [float(row["loss"]) for row in last if row["phase"] == r.phases[-1].name][-5:]
-        data = self.held_out(r.phases[-1])
-        ctx = QualityContext(data=data, seed=r.seed, device=str(self.accelerator.device), scheduler=self.noise)
-        metrics: dict[str, Any] = {
-            "recipe": r.name, "steps": self.step, "final_loss": float(np.mean(tail)) if tail else float("nan"),
-            "final_loss_definition": f"mean training loss of the last {len(tail)} logged steps (every "
-                                     f"{r.log.every} steps; Min-SNR weighted: {r.snr_gamma is not None})",
-            "val_loss": evaluate(model, ctx)["task_loss"],
-            "phases": {p.name: float(next((row["loss"] for row in reversed(last) if row["phase"] == p.name), "nan"))
-                       for p in r.phases},
-            "params": sum(p.numel() for p in model.parameters()),
-            "train_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
-            "processes": self.accelerator.num_processes, "mixed_precision": r.mixed_precision,
-        }
-        from .digits import digit_accuracy, is_digits
-
-        if is_digits(data) and r.evaluation.digit_accuracy:
-            e = r.evaluation
-            metrics.update(digit_accuracy(model, data, self.noise, e.samples_per_class, e.steps, e.guidance,
-                                          e.guidance_rescale, e.seed))
-        else:
-            metrics["digit_accuracy"] = None  # only the built-in digits data has a digit classifier
-        atomic_write(self.out / "metrics.json", dump_json(metrics))
-        return metrics
-
-
-def _located(fn: Callable[[], Any], field: str) -> Any:
-    """Run ``fn``; a ConfigError it raises is re-raised naming the recipe field (and keeping its own file)."""
-    try:
-        return fn()
-    except ConfigError as exc:
-        where = f" ({exc.source}{':' + str(exc.line) if exc.line else ''})" if exc.source else ""
-        inner = f"{exc.field}: " if exc.field else ""
-        raise ConfigError(f"{inner}{exc.message}{where}", field=field) from None
-
 
 def _rescale_schedule(schedule: Any, position: int) -> None:
     """Put a resumed LR schedule at ``position`` (optimizer steps done in the phase), whatever the process count
@@ -625,32 +432,7 @@ def _rescale_schedule(schedule: Any, position: int) -> None:
     inner._last_lr = lrs
 
 
-def _fmt(value: Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)  # exact: a resumed curve compares bit for bit
-
-
-def _csv_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def _tensorboard_available() -> bool:
     import importlib.util
 
     return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
-
-
-def _save_grid(images: torch.Tensor, path: Path, min_size: int = 64) -> None:
-    """A one-row PNG of images [N, C, H, W] in [0, 1], upscaled (nearest) so 8x8 digits are visible."""
-    from PIL import Image
-
-    c, h = images.shape[1], images.shape[2]
-    scale = max(1, min_size // h)
-    grid = images.permute(0, 2, 3, 1).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    grid = torch.cat(list(grid), dim=1)  # side by side
-    array = (grid.numpy() * 255).round().astype(np.uint8)
-    image = Image.fromarray(array[..., 0] if c == 1 else array)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)

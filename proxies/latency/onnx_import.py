@@ -24,7 +24,7 @@ from search_spaces.errors import ConfigError
 
 from .blocks import space_blocks
 from .lut import fit_profile_correction
-from .onnx_export import Manifest, load_manifest, sha256_file, space_hash
+from .onnx_manifest import Manifest, load_manifest, sha256_file, space_hash
 from .onnx_runtime import CSV_COLUMNS
 from .profile import EXTERNAL, CalibrationSample, LatencyProfile, Protocol, Settings, Timing
 

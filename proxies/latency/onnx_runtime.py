@@ -26,7 +26,8 @@ import numpy as np
 from search_spaces.errors import ConfigError
 from search_spaces.yamlio import atomic_write
 
-from .onnx_export import Manifest, ort_session, require_onnx
+from .onnx_export import ort_session, require_onnx
+from .onnx_manifest import Manifest
 from .profile import Protocol, Timing
 from .timing import _stable, summarise
 
