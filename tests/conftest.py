@@ -10,9 +10,9 @@ import torch
 
 from search_spaces import UNetArch
 
-# The longest test files, longest first (measured with --durations). `pytest -n 2 --dist loadfile` hands out whole
+# The longest test files, longest first (measured with --durations). `pytest -n 3 --dist loadfile` hands out whole
 # files in collection order (pyproject.toml turns off xdist's reordering by test count): a long file that starts
-# last runs alone at the end while the other worker idles, so the long ones start first.
+# last runs alone at the end while the other workers idle, so the long ones start first.
 LONGEST_FIRST = ("test_ray.py", "test_flexible_unet.py", "test_search.py", "test_search_faults.py",
                  "test_shards_train.py", "test_train.py")
 
