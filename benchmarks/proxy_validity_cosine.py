@@ -9,7 +9,9 @@ the held-out loss on the whole validation split over 20 timesteps.
    included): ground truth, and the same protocol at ``--long-factor`` x the steps. Kendall tau between the two
    rankings is ``ground_truth_validity_tau``.
 3. Repeat noise: the first ``--repeat`` design archs again with another data-order seed; the per-run noise, the
-   share of arch pairs whose difference is within noise, and the tau two repeat ground truths would reach.
+   share of arch pairs whose difference is within noise, and the tau two repeat ground truths would reach. The
+   first ``--long-repeat`` design archs' 5x runs are repeated the same way: the 5x ranking's own noise, and with
+   it the validity a ground truth could show if its order were the 5x order (``ground_truth_validity_ceiling``).
 4. Every arch's cheap features (inheritance plus 20 distillation steps, held-out loss at 0/5/10/20).
 5. Proxies on the test archs only (never an anchor): MACs, params, ``distill_task@K``, and the surrogate fitted
    on the first n design archs' ground truth (its one-time cost, n ground-truth runs, divided by 200 trials and
@@ -18,7 +20,8 @@ the held-out loss on the whole validation split over 20 timesteps.
 Every run is cached in a work folder as it finishes, so a cut-off run keeps its data. ``--part all`` works
 through every job (design archs, test archs, repeats, 5x runs), each claimed under a lock, so several
 single-threaded processes on one work folder share the list; ``--part main``/``design``/``long`` run parts
-alone; ``--new-modules identity`` starts what the teacher lacks as the identity in every run (ground truth and
+alone; ``--part long-repeat`` adds the 5x repeats to a committed report whose work folder is gone;
+``--new-modules identity`` starts what the teacher lacks as the identity in every run (ground truth and
 proxies, work folder ``..._identity``); ``--part report`` analyses whatever is finished. ``--tests table``:
 the test archs are every arch of the 64-arch digits sub-space of :func:`table_space` (the search-quality
 study's table) instead of ``--archs`` random ones; each test and design arch also gets the short cosine runs of
@@ -172,6 +175,8 @@ def run_all(args) -> None:
              for i, a in enumerate(anchors[: args.repeat])]
     jobs += [(f"long-{i}", lambda a=a: gt(args, ctx, a, args.gt_steps * args.long_factor, args.seed))
              for i, a in enumerate(anchors)]
+    jobs += [(f"long-repeat-{i}", lambda a=a: gt(args, ctx, a, args.gt_steps * args.long_factor, args.seed + 1000))
+             for i, a in enumerate(anchors[: args.long_repeat])]
     for name, job in jobs:
         with claim(args, name) as mine:
             if mine:
@@ -213,6 +218,30 @@ def run_design(args) -> None:
         print(f"repeat {i}: gt {g['task_loss']:.4f}", flush=True)
 
 
+def run_long_repeat(args) -> None:
+    """The 5x repeats alone, added to a run whose report is committed but whose work folder is gone.
+
+    The teacher is retrained (deterministic under its seed, one thread); the first design arch's ground truth is
+    re-run and must equal the committed one, or nothing is written. The committed 5x losses are then paired with
+    the new repeats (:func:`proxy_validity_report.add_long_repeats`)."""
+    from proxy_validity_report import add_long_repeats, result_name
+
+    path = Path(__file__).parent / "results" / f"{result_name(args)}.json"
+    committed = {v["arch_key"]: v for v in json.loads(path.read_text())["validity"]}
+    ctx, _, anchors, _ = setup(args)
+    first = gt(args, ctx, anchors[0], args.gt_steps, args.seed)["task_loss"]
+    want = committed[arch_key(anchors[0])]["gt"]
+    print(f"check: design 0 ground truth {first:.6f}, committed {want:.6f}", flush=True)
+    if abs(first - want) > 1e-6 * want:
+        raise SystemExit(f"{path}: the retrained teacher does not reproduce the committed run; nothing written")
+    pairs = []
+    for i, a in enumerate(anchors[: args.long_repeat]):
+        g = gt(args, ctx, a, args.gt_steps * args.long_factor, args.seed + 1000)
+        pairs.append((committed[arch_key(a)]["long"], g["task_loss"]))
+        print(f"long-repeat {i}: {pairs[-1][0]:.4f} / {g['task_loss']:.4f} ({g['seconds']:.0f}s)", flush=True)
+    add_long_repeats(path, pairs)
+
+
 def run_long(args) -> None:
     ctx, _, anchors, _ = setup(args)
     for i in args.indices or range(len(anchors)):  # several processes may share the list, each its own indices
@@ -225,7 +254,7 @@ if __name__ == "__main__":
     from proxy_validity_report import report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("all", "main", "design", "long", "report"), required=True,
+    parser.add_argument("--part", choices=("all", "main", "design", "long", "long-repeat", "report"), required=True,
                         help="all: every job, shareable by several processes on one work folder")
     parser.add_argument("--tests", choices=("random", "table"), default="random",
                         help="test archs: --archs random ones, or all 64 of the digits table sub-space")
@@ -237,6 +266,8 @@ if __name__ == "__main__":
     parser.add_argument("--long-factor", type=int, default=5)
     parser.add_argument("--validate", type=int, default=10, help="design archs: 5x validation, surrogate anchors")
     parser.add_argument("--repeat", type=int, default=6)
+    parser.add_argument("--long-repeat", type=int, default=0,
+                        help="repeat the 5x runs of the first N design archs (another data-order seed)")
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--feature-eval-items", type=int, default=64)
     parser.add_argument("--indices", type=int, nargs="*", help="long, design: only these design archs, in order")
@@ -254,6 +285,6 @@ if __name__ == "__main__":
     args.work = args.work or Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}{init}"
     args.archs = 0 if args.tests == "table" else args.archs
     torch.set_num_threads(1)
-    parts = {"all": run_all, "main": run_main, "design": run_design, "long": run_long,
+    parts = {"all": run_all, "main": run_main, "design": run_design, "long": run_long, "long-repeat": run_long_repeat,
              "report": lambda a: report(a, setup, gt, features, group)}
     parts[args.part](args)

@@ -14,6 +14,7 @@ from scipy.stats import kendalltau
 
 from proxies.quality.fidelity import FEATURES, feature_vector
 from proxies.quality.surrogate import arch_key, fit_ridge
+from search_spaces.yamlio import atomic_write
 
 TRIALS = 200
 # The ground-truth protocol shrunk: (steps, peak lr) of a short cosine-to-zero run, evaluated on 64 items
@@ -35,7 +36,7 @@ def noise_figures(first: list[float], second: list[float], all_losses: list[floa
     sigma = float(math.sqrt(np.mean(d ** 2) / 2))  # each run's own spread (a difference has twice the variance)
     logs = np.log(all_losses)
     pairs = list(itertools.combinations(range(len(logs)), 2))
-    ties = sum(abs(logs[i] - logs[j]) < 1.96 * math.sqrt(2) * sigma for i, j in pairs) / len(pairs)
+    ties = sum(abs(logs[i] - logs[j]) < tie_threshold(sigma) for i, j in pairs) / len(pairs)
     rng = np.random.default_rng(rng_seed)  # two noisy replicates of the same truth: how well they can agree
     sims = [tau(logs + rng.normal(0, sigma, len(logs)), logs + rng.normal(0, sigma, len(logs))) for _ in range(2000)]
     return {"ground_truth_repeat_n": len(first), "ground_truth_repeat_tau": tau(first, second),
@@ -44,6 +45,42 @@ def noise_figures(first: list[float], second: list[float], all_losses: list[floa
             "ground_truth_pairs_tied_within_noise": ties, "ground_truth_pairs_n": len(pairs),
             "ground_truth_tau_ceiling": float(np.mean(sims)),
             "ground_truth_tau_ceiling_p5": float(np.percentile(sims, 5))}
+
+
+def tie_threshold(sigma: float) -> float:
+    """A difference of log losses two runs of this per-run noise do not resolve (95%: 1.96 x sqrt(2) sigma)."""
+    return 1.96 * math.sqrt(2) * sigma
+
+
+def validity_noise(val: list[tuple[float, float]], reps: list[tuple[float, float]], sigma_gt: float | None,
+                   rng_seed: int = 0) -> dict:
+    """How much of the ground truth's disagreement with the 5x runs the two rankings' own noise explains.
+
+    ``val``: (ground truth, 5x) losses of the validity archs; ``reps``: (5x, its repeat) pairs. From the repeats,
+    the 5x runs' per-run noise; the validity a ground truth would show if its true order were the 5x order
+    (``ground_truth_validity_ceiling``: both rankings drawn around the 5x losses, each with its own noise, tau
+    averaged over 2,000 draws); and the discordant pairs that either ranking does not resolve beyond noise."""
+    d = np.log([a for a, _ in reps]) - np.log([b for _, b in reps])
+    sigma_long = float(math.sqrt(np.mean(d ** 2) / 2))
+    gt_logs, long_logs = np.log([g for g, _ in val]), np.log([lg for _, lg in val])
+    out = {"ground_truth_validity_long_repeat_n": len(reps),
+           "ground_truth_validity_long_repeat_tau": tau([a for a, _ in reps], [b for _, b in reps])
+           if len(reps) > 2 else None,
+           "ground_truth_validity_long_repeat_sigma_log": sigma_long}
+    discordant = [(i, j) for i, j in itertools.combinations(range(len(val)), 2)
+                  if (gt_logs[i] - gt_logs[j]) * (long_logs[i] - long_logs[j]) < 0]
+    resolved = [(i, j) for i, j in discordant if sigma_gt is not None
+                and abs(gt_logs[i] - gt_logs[j]) >= tie_threshold(sigma_gt)
+                and abs(long_logs[i] - long_logs[j]) >= tie_threshold(sigma_long)]
+    out["ground_truth_validity_discordant_pairs"] = len(discordant)
+    out["ground_truth_validity_discordant_beyond_noise"] = len(resolved) if sigma_gt is not None else None
+    if sigma_gt is not None:
+        rng = np.random.default_rng(rng_seed)
+        sims = [tau(long_logs + rng.normal(0, sigma_gt, len(val)), long_logs + rng.normal(0, sigma_long, len(val)))
+                for _ in range(2000)]
+        out["ground_truth_validity_ceiling"] = float(np.mean(sims))
+        out["ground_truth_validity_ceiling_p5"] = float(np.percentile(sims, 5))
+    return out
 
 
 def feature_cost(f: dict, k: int) -> float:
@@ -97,6 +134,11 @@ def report(args, setup, gt, features, group) -> None:
     every_gt = [g["task_loss"] for g in (gfile(a, args.gt_steps, args.seed) for a in distinct) if g]
     if len(reps) > 2 and len(every_gt) > 1:
         out.update(noise_figures([x["task_loss"] for x, _ in reps], [y["task_loss"] for _, y in reps], every_gt))
+    long_reps = [(gfile(a, long_steps, args.seed), gfile(a, long_steps, args.seed + 1000)) for a in anchors]
+    long_reps = [(x["task_loss"], y["task_loss"]) for x, y in long_reps if x and y]
+    if long_reps and len(val) > 2:
+        out.update(validity_noise([(g["task_loss"], lg["task_loss"]) for _, g, lg in val], long_reps,
+                                  out.get("ground_truth_repeat_sigma_log")))
 
     # 3. proxies: on the test archs (surrogates fitted on design archs), and leave-one-out over the design archs
     out["n_archs"] = len(rows)
@@ -228,13 +270,34 @@ def _one_hot(space, archs) -> np.ndarray:
     return np.array(rows)
 
 
-def _write(args, out: dict) -> None:
-    for key in ("ground_truth_validity_tau", "ground_truth_repeat_tau", "ground_truth_tau_ceiling",
-                "ground_truth_pairs_tied_within_noise", "n_archs", "best_proxy_within_10_percent", "target_met"):
+def add_long_repeats(path: Path, pairs: list[tuple[float, float]]) -> None:
+    """Add :func:`validity_noise` of (committed 5x, repeated 5x) loss ``pairs`` to the committed report at
+    ``path``; its other figures are kept as measured."""
+    out = json.loads(path.read_text())
+    val = [(v["gt"], v["long"]) for v in out["validity"]]
+    out.update(validity_noise(val, pairs, out.get("ground_truth_repeat_sigma_log")))
+    out["ground_truth_validity_long_repeat_pairs"] = [list(p) for p in pairs]
+    for key in ("ground_truth_validity_tau", "ground_truth_validity_ceiling", "ground_truth_validity_ceiling_p5",
+                "ground_truth_validity_long_repeat_sigma_log", "ground_truth_validity_discordant_pairs",
+                "ground_truth_validity_discordant_beyond_noise"):
         print(f"{key}: {out.get(key)}")
+    atomic_write(path, json.dumps(out, indent=1) + "\n")
+    print(f"updated {path}")
+
+
+def result_name(args) -> str:
+    """The results file of a run of these options (without ``.json``)."""
     suffix = "" if args.benchmark == "digits" else f"_{args.benchmark}"
     suffix += "" if args.seed == 0 else f"_seed{args.seed}"
     suffix += "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     suffix += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"
     suffix += "" if args.teacher_steps == 400 else f"_teacher{args.teacher_steps}"
-    print(f"wrote {write_result(f'proxy_validity_cosine{suffix}', out)}")
+    return f"proxy_validity_cosine{suffix}"
+
+
+def _write(args, out: dict) -> None:
+    for key in ("ground_truth_validity_tau", "ground_truth_validity_ceiling",
+                "ground_truth_validity_discordant_beyond_noise", "ground_truth_repeat_tau", "ground_truth_tau_ceiling",
+                "ground_truth_pairs_tied_within_noise", "n_archs", "best_proxy_within_10_percent", "target_met"):
+        print(f"{key}: {out.get(key)}")
+    print(f"wrote {write_result(result_name(args), out)}")
