@@ -220,7 +220,7 @@ objectives:
   - {name: quality, kind: quality, proxy: short_train, options: {steps: 8, eval_every: 8}}
   - {name: params, kind: params}
 strategy: {name: random}
-budget: {trials: 4}
+budget: {trials: 10}
 """
     path = write(tmp_path, text)
     db = tmp_path / "runs" / "intr" / "study.db"
@@ -250,5 +250,5 @@ budget: {trials: 4}
                          capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     study = optuna.load_study(study_name="intr", storage=f"sqlite:///{db}")
-    assert counted(study) == 4
+    assert counted(study) == 10
     assert all(study.trials[n].values == v for n, v in done.items())
