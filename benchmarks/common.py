@@ -16,7 +16,12 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def environment() -> dict[str, Any]:
+    """Where and with what a result was measured. ``torch_cpu_capability`` is the instruction set torch's CPU
+    kernels dispatch to (AVX2, AVX512, ...): two machines that differ in it sum in another order, and a long
+    training run then ends elsewhere, so a CPU result reproduces bit for bit only where it matches."""
     import importlib.metadata as md
+
+    import torch
 
     versions = {}
     for pkg in ("torch", "diffusers", "optuna", "unet-nas"):
@@ -27,6 +32,7 @@ def environment() -> dict[str, Any]:
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_name(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpus_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),

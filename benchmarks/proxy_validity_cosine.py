@@ -20,7 +20,9 @@ the held-out loss on the whole validation split over 20 timesteps.
 Every run is cached in a work folder as it finishes, so a cut-off run keeps its data. ``--part all`` works
 through every job (design archs, test archs, repeats, 5x runs), each claimed under a lock, so several
 single-threaded processes on one work folder share the list; ``--part main``/``design``/``long`` run parts
-alone; ``--part long-repeat`` adds the 5x repeats to a committed report whose work folder is gone;
+alone; ``--part validity`` runs the ground truth's validity study alone (design archs at 1x and 5x, repeats of
+both, optionally ``--mid-steps``) and ``--part validity-report`` writes it to
+``proxy_gt_validity_BENCHMARK_seedN.json``;
 ``--new-modules identity`` starts what the teacher lacks as the identity in every run (ground truth and
 proxies, work folder ``..._identity``); ``--part report`` analyses whatever is finished. ``--tests table``:
 the test archs are every arch of the 64-arch digits sub-space of :func:`table_space` (the search-quality
@@ -218,28 +220,24 @@ def run_design(args) -> None:
         print(f"repeat {i}: gt {g['task_loss']:.4f}", flush=True)
 
 
-def run_long_repeat(args) -> None:
-    """The 5x repeats alone, added to a run whose report is committed but whose work folder is gone.
-
-    The teacher is retrained (deterministic under its seed, one thread); the first design arch's ground truth is
-    re-run and must equal the committed one, or nothing is written. The committed 5x losses are then paired with
-    the new repeats (:func:`proxy_validity_report.add_long_repeats`)."""
-    from proxy_validity_report import add_long_repeats, result_name
-
-    path = Path(__file__).parent / "results" / f"{result_name(args)}.json"
-    committed = {v["arch_key"]: v for v in json.loads(path.read_text())["validity"]}
+def run_validity(args) -> None:
+    """The ground truth's validity study alone, on this machine's teacher: the design archs at ``--gt-steps``
+    and at ``--long-factor`` x, then the first ``--long-repeat`` 5x runs and the first ``--repeat`` ground
+    truths again under another data-order seed, then every design arch at ``--mid-steps`` (does a longer ground
+    truth move towards the 5x order?). Jobs are claimed, so several processes share the list."""
     ctx, _, anchors, _ = setup(args)
-    first = gt(args, ctx, anchors[0], args.gt_steps, args.seed)["task_loss"]
-    want = committed[arch_key(anchors[0])]["gt"]
-    print(f"check: design 0 ground truth {first:.6f}, committed {want:.6f}", flush=True)
-    if abs(first - want) > 1e-6 * want:
-        raise SystemExit(f"{path}: the retrained teacher does not reproduce the committed run; nothing written")
-    pairs = []
-    for i, a in enumerate(anchors[: args.long_repeat]):
-        g = gt(args, ctx, a, args.gt_steps * args.long_factor, args.seed + 1000)
-        pairs.append((committed[arch_key(a)]["long"], g["task_loss"]))
-        print(f"long-repeat {i}: {pairs[-1][0]:.4f} / {g['task_loss']:.4f} ({g['seconds']:.0f}s)", flush=True)
-    add_long_repeats(path, pairs)
+    long_steps = args.gt_steps * args.long_factor
+    jobs = [(f"validity-gt-{i}", a, args.gt_steps, args.seed) for i, a in enumerate(anchors)]
+    jobs += [(f"validity-long-{i}", a, long_steps, args.seed) for i, a in enumerate(anchors)]
+    jobs += [(f"validity-long-repeat-{i}", a, long_steps, args.seed + 1000)
+             for i, a in enumerate(anchors[: args.long_repeat])]
+    jobs += [(f"validity-repeat-{i}", a, args.gt_steps, args.seed + 1000) for i, a in enumerate(anchors[: args.repeat])]
+    jobs += [(f"validity-mid-{i}", a, args.mid_steps, args.seed) for i, a in enumerate(anchors) if args.mid_steps]
+    for name, arch, steps, seed in jobs:
+        with claim(args, name) as mine:
+            if mine:
+                g = gt(args, ctx, arch, steps, seed)
+                print(f"{name}: {g['task_loss']:.4f} ({g['seconds']:.0f}s)", flush=True)
 
 
 def run_long(args) -> None:
@@ -251,10 +249,11 @@ def run_long(args) -> None:
 
 
 if __name__ == "__main__":
-    from proxy_validity_report import report
+    from proxy_validity_report import report, validity_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("all", "main", "design", "long", "long-repeat", "report"), required=True,
+    parser.add_argument("--part", required=True,
+                        choices=("all", "main", "design", "long", "validity", "validity-report", "report"),
                         help="all: every job, shareable by several processes on one work folder")
     parser.add_argument("--tests", choices=("random", "table"), default="random",
                         help="test archs: --archs random ones, or all 64 of the digits table sub-space")
@@ -268,6 +267,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=6)
     parser.add_argument("--long-repeat", type=int, default=0,
                         help="repeat the 5x runs of the first N design archs (another data-order seed)")
+    parser.add_argument("--mid-steps", type=int, default=0,
+                        help="validity: also every design arch's ground truth at this many steps (0: none)")
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--feature-eval-items", type=int, default=64)
     parser.add_argument("--indices", type=int, nargs="*", help="long, design: only these design archs, in order")
@@ -285,6 +286,7 @@ if __name__ == "__main__":
     args.work = args.work or Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}{init}"
     args.archs = 0 if args.tests == "table" else args.archs
     torch.set_num_threads(1)
-    parts = {"all": run_all, "main": run_main, "design": run_design, "long": run_long, "long-repeat": run_long_repeat,
+    parts = {"all": run_all, "main": run_main, "design": run_design, "long": run_long, "validity": run_validity,
+             "validity-report": lambda a: validity_report(a, setup, group),
              "report": lambda a: report(a, setup, gt, features, group)}
     parts[args.part](args)

@@ -14,7 +14,6 @@ from scipy.stats import kendalltau
 
 from proxies.quality.fidelity import FEATURES, feature_vector
 from proxies.quality.surrogate import arch_key, fit_ridge
-from search_spaces.yamlio import atomic_write
 
 TRIALS = 200
 # The ground-truth protocol shrunk: (steps, peak lr) of a short cosine-to-zero run, evaluated on 64 items
@@ -270,19 +269,52 @@ def _one_hot(space, archs) -> np.ndarray:
     return np.array(rows)
 
 
-def add_long_repeats(path: Path, pairs: list[tuple[float, float]]) -> None:
-    """Add :func:`validity_noise` of (committed 5x, repeated 5x) loss ``pairs`` to the committed report at
-    ``path``; its other figures are kept as measured."""
-    out = json.loads(path.read_text())
-    val = [(v["gt"], v["long"]) for v in out["validity"]]
-    out.update(validity_noise(val, pairs, out.get("ground_truth_repeat_sigma_log")))
-    out["ground_truth_validity_long_repeat_pairs"] = [list(p) for p in pairs]
-    for key in ("ground_truth_validity_tau", "ground_truth_validity_ceiling", "ground_truth_validity_ceiling_p5",
-                "ground_truth_validity_long_repeat_sigma_log", "ground_truth_validity_discordant_pairs",
-                "ground_truth_validity_discordant_beyond_noise"):
+def validity_report(args, setup, group) -> None:
+    """What ``--part validity`` measured: validity tau against 5x training, the ground truth's and the 5x
+    runs' repeat noise and the validity ceiling they imply, and the ground truth at ``--mid-steps``."""
+    _, _, anchors, _ = setup(args)
+    gfile = lambda a, s, seed: _read(args.work / f"gt-{arch_key(a)}-{s}-{seed}.json")  # noqa: E731
+    long_steps = args.gt_steps * args.long_factor
+    val = [(a, gfile(a, args.gt_steps, args.seed), gfile(a, long_steps, args.seed)) for a in anchors]
+    val = [(a, g, lg) for a, g, lg in val if g and lg]
+    out: dict = {"benchmark_name": args.benchmark, "seed": args.seed, "gt_steps": args.gt_steps, "gt_lr": args.gt_lr,
+                 "teacher_steps": args.teacher_steps, "batch": args.batch, "threads": 1,
+                 "ground_truth_validity_n": len(val), "ground_truth_validity_long_steps": long_steps,
+                 "ground_truth_validity_tau": tau([g["task_loss"] for _, g, _ in val],
+                                                  [lg["task_loss"] for _, _, lg in val]) if len(val) > 2 else None}
+    reps = [(gfile(a, args.gt_steps, args.seed), gfile(a, args.gt_steps, args.seed + 1000)) for a in anchors]
+    reps = [(x["task_loss"], y["task_loss"]) for x, y in reps if x and y]
+    if len(reps) > 2:
+        out.update(noise_figures([x for x, _ in reps], [y for _, y in reps], [g["task_loss"] for _, g, _ in val]))
+    long_reps = [(gfile(a, long_steps, args.seed), gfile(a, long_steps, args.seed + 1000)) for a in anchors]
+    long_reps = [(x["task_loss"], y["task_loss"]) for x, y in long_reps if x and y]
+    if long_reps and len(val) > 2:
+        out.update(validity_noise([(g["task_loss"], lg["task_loss"]) for _, g, lg in val], long_reps,
+                                  out.get("ground_truth_repeat_sigma_log")))
+    mid = [(a, g, lg, gfile(a, args.mid_steps, args.seed)) for a, g, lg in val] if args.mid_steps else []
+    mid = [(a, g, lg, m) for a, g, lg, m in mid if m]
+    if len(mid) > 2:
+        out["ground_truth_lengthened"] = {
+            "steps": args.mid_steps, "n": len(mid),
+            "tau_vs_long": tau([m["task_loss"] for *_, m in mid], [lg["task_loss"] for _, _, lg, _ in mid]),
+            "tau_vs_ground_truth": tau([m["task_loss"] for *_, m in mid], [g["task_loss"] for _, g, _, _ in mid]),
+            "ground_truth_tau_vs_long_same_archs": tau([g["task_loss"] for _, g, _, _ in mid],
+                                                       [lg["task_loss"] for _, _, lg, _ in mid]),
+            "seconds_per_arch": float(np.mean([m["seconds"] for *_, m in mid]))}
+    mids = {arch_key(a): m["task_loss"] for a, _, _, m in mid}
+    out["validity"] = [{"arch_key": arch_key(a), "group": group(a), "gt": g["task_loss"], "long": lg["task_loss"],
+                        "mid": mids.get(arch_key(a)), "gt_seconds": g["seconds"], "long_seconds": lg["seconds"]}
+                       for a, g, lg in val]
+    out["ground_truth_repeat_pairs"] = reps
+    out["ground_truth_validity_long_repeat_pairs"] = long_reps
+    for key in ("ground_truth_validity_n", "ground_truth_validity_tau", "ground_truth_validity_ceiling",
+                "ground_truth_validity_ceiling_p5", "ground_truth_validity_discordant_pairs",
+                "ground_truth_validity_discordant_beyond_noise", "ground_truth_repeat_sigma_log",
+                "ground_truth_validity_long_repeat_sigma_log", "ground_truth_tau_ceiling", "ground_truth_lengthened"):
         print(f"{key}: {out.get(key)}")
-    atomic_write(path, json.dumps(out, indent=1) + "\n")
-    print(f"updated {path}")
+    name = result_name(args).replace("proxy_validity_cosine", "proxy_gt_validity")
+    name += "" if "_seed" in name or args.benchmark == "digits" else "_seed0"
+    print(f"wrote {write_result(name, out)}")
 
 
 def result_name(args) -> str:
