@@ -82,6 +82,19 @@ def validity_noise(val: list[tuple[float, float]], reps: list[tuple[float, float
     return out
 
 
+def repeat_pairs(gfile, anchors, steps: int, seed: int) -> list[tuple[float, float]]:
+    """(loss, its repeat under data-order seed + 1000) of every anchor run both ways at ``steps``."""
+    pairs = [(gfile(a, steps, seed), gfile(a, steps, seed + 1000)) for a in anchors]
+    return [(x["task_loss"], y["task_loss"]) for x, y in pairs if x and y]
+
+
+def validity_pairs(gfile, anchors, args) -> list[tuple]:
+    """(arch, ground truth, 5x run) of every anchor with both runs finished."""
+    val = [(a, gfile(a, args.gt_steps, args.seed), gfile(a, args.gt_steps * args.long_factor, args.seed))
+           for a in anchors]
+    return [(a, g, lg) for a, g, lg in val if g and lg]
+
+
 def feature_cost(f: dict, k: int) -> float:
     """Seconds to reach loss@k measured alone: the run's clock at k less the extra evaluations before it."""
     if k == 0:
@@ -110,8 +123,7 @@ def report(args, setup, gt, features, group) -> None:
 
     # 1. validity against 5x longer training
     long_steps = args.gt_steps * args.long_factor
-    val = [(a, gfile(a, args.gt_steps, args.seed), gfile(a, long_steps, args.seed)) for a in anchors]
-    val = [(a, g, lg) for a, g, lg in val if g and lg]
+    val = validity_pairs(gfile, anchors, args)
     out["validity"] = [{"arch_key": arch_key(a), "group": group(a), "gt": g["task_loss"], "long": lg["task_loss"],
                         "gt_seconds": g["seconds"], "long_seconds": lg["seconds"]} for a, g, lg in val]
     out["ground_truth_validity_n"] = len(val)
@@ -121,9 +133,7 @@ def report(args, setup, gt, features, group) -> None:
                                            [lg["task_loss"] for _, _, lg in val]) if len(val) > 2 else None
 
     # 2. repeat noise
-    reps = [(gfile(a, args.gt_steps, args.seed), gfile(a, args.gt_steps, args.seed + 1000))
-            for a in anchors]
-    reps = [(x, y) for x, y in reps if x and y]
+    reps = repeat_pairs(gfile, anchors, args.gt_steps, args.seed)
     rows = [(a, gfile(a, args.gt_steps, args.seed), ffile(a)) for a in tests if arch_key(a) not in
             {arch_key(b) for b in anchors}]
     rows = [(a, g, f) for a, g, f in rows if g and f]
@@ -132,9 +142,8 @@ def report(args, setup, gt, features, group) -> None:
     distinct = {arch_key(b): b for b in anchors + tests}.values()
     every_gt = [g["task_loss"] for g in (gfile(a, args.gt_steps, args.seed) for a in distinct) if g]
     if len(reps) > 2 and len(every_gt) > 1:
-        out.update(noise_figures([x["task_loss"] for x, _ in reps], [y["task_loss"] for _, y in reps], every_gt))
-    long_reps = [(gfile(a, long_steps, args.seed), gfile(a, long_steps, args.seed + 1000)) for a in anchors]
-    long_reps = [(x["task_loss"], y["task_loss"]) for x, y in long_reps if x and y]
+        out.update(noise_figures([x for x, _ in reps], [y for _, y in reps], every_gt))
+    long_reps = repeat_pairs(gfile, anchors, long_steps, args.seed)
     if long_reps and len(val) > 2:
         out.update(validity_noise([(g["task_loss"], lg["task_loss"]) for _, g, lg in val], long_reps,
                                   out.get("ground_truth_repeat_sigma_log")))
@@ -275,19 +284,16 @@ def validity_report(args, setup, group) -> None:
     _, _, anchors, _ = setup(args)
     gfile = lambda a, s, seed: _read(args.work / f"gt-{arch_key(a)}-{s}-{seed}.json")  # noqa: E731
     long_steps = args.gt_steps * args.long_factor
-    val = [(a, gfile(a, args.gt_steps, args.seed), gfile(a, long_steps, args.seed)) for a in anchors]
-    val = [(a, g, lg) for a, g, lg in val if g and lg]
+    val = validity_pairs(gfile, anchors, args)
     out: dict = {"benchmark_name": args.benchmark, "seed": args.seed, "gt_steps": args.gt_steps, "gt_lr": args.gt_lr,
                  "teacher_steps": args.teacher_steps, "batch": args.batch, "threads": 1,
                  "ground_truth_validity_n": len(val), "ground_truth_validity_long_steps": long_steps,
                  "ground_truth_validity_tau": tau([g["task_loss"] for _, g, _ in val],
                                                   [lg["task_loss"] for _, _, lg in val]) if len(val) > 2 else None}
-    reps = [(gfile(a, args.gt_steps, args.seed), gfile(a, args.gt_steps, args.seed + 1000)) for a in anchors]
-    reps = [(x["task_loss"], y["task_loss"]) for x, y in reps if x and y]
+    reps = repeat_pairs(gfile, anchors, args.gt_steps, args.seed)
     if len(reps) > 2:
         out.update(noise_figures([x for x, _ in reps], [y for _, y in reps], [g["task_loss"] for _, g, _ in val]))
-    long_reps = [(gfile(a, long_steps, args.seed), gfile(a, long_steps, args.seed + 1000)) for a in anchors]
-    long_reps = [(x["task_loss"], y["task_loss"]) for x, y in long_reps if x and y]
+    long_reps = repeat_pairs(gfile, anchors, long_steps, args.seed)
     if long_reps and len(val) > 2:
         out.update(validity_noise([(g["task_loss"], lg["task_loss"]) for _, g, lg in val], long_reps,
                                   out.get("ground_truth_repeat_sigma_log")))
