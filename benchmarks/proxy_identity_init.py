@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from common import write_result
 from proxy_validity_cosine import setup
-from proxy_validity_report import SHORT_COSINE, _proxies, tau
+from proxy_validity_report import SHORT_COSINE, _proxies, tau  # its runs use the 200-step ground truth
 
 from proxies.benchmark import BENCHMARKS
 from proxies.quality.surrogate import arch_key

@@ -27,7 +27,7 @@ both, optionally ``--mid-steps``) and ``--part validity-report`` writes it to
 proxies, work folder ``..._identity``); ``--part report`` analyses whatever is finished. ``--tests table``:
 the test archs are every arch of the 64-arch digits sub-space of :func:`table_space` (the search-quality
 study's table) instead of ``--archs`` random ones; each test and design arch also gets the short cosine runs of
-SHORT_COSINE.
+``short_cosine_runs`` (4% and 8% of ``--gt-steps``).
 
     python benchmarks/proxy_validity_cosine.py --part all & python benchmarks/proxy_validity_cosine.py --part all
     python benchmarks/proxy_validity_cosine.py --part report
@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 from proxy_validity import LR
-from proxy_validity_report import SHORT_COSINE
+from proxy_validity_report import short_cosine_runs
 
 from proxies.benchmark import BENCHMARKS, get_benchmark
 from proxies.quality import QualityContext
@@ -139,9 +139,10 @@ def features(args, ctx, arch) -> dict:
 
 
 def short_cosine(args, ctx, arch) -> dict:
-    """The ground-truth protocol at ``k`` steps and a small evaluation, for every (k, lr) of SHORT_COSINE."""
+    """The ground-truth protocol at ``k`` steps and a small evaluation, for every (k, lr) of
+    :func:`short_cosine_runs` of this ground truth's length."""
     out = {}
-    for k, lr in SHORT_COSINE:
+    for k, lr in short_cosine_runs(args.gt_steps):
         path = args.work / f"cos-{arch_key(arch)}-{k}-{lr:g}.json"
         out[f"cosine@{k}/lr{lr:g}"] = cached(path, lambda k=k, lr=lr: full_fidelity(
             arch, ctx, k, lr=lr, seed=args.seed, eval_items=SHORT_EVAL_ITEMS))

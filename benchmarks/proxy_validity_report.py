@@ -16,8 +16,19 @@ from proxies.quality.fidelity import FEATURES, feature_vector
 from proxies.quality.surrogate import arch_key, fit_ridge
 
 TRIALS = 200
-# The ground-truth protocol shrunk: (steps, peak lr) of a short cosine-to-zero run, evaluated on 64 items
-SHORT_COSINE = ((8, 2e-3), (16, 1e-3), (16, 2e-3))
+
+
+def short_cosine_runs(gt_steps: int = 200) -> tuple[tuple[int, float], ...]:
+    """The ground-truth protocol shrunk: (steps, peak lr) of the short cosine-to-zero runs, evaluated on 64 items.
+
+    Their lengths are 4% and 8% of the ground truth's steps (8 and 16 at 200), so a longer ground truth
+    (shapes needs 400 steps to agree with 5x longer training) is judged against proxies of the same share of its
+    cost rather than of a shorter run's."""
+    short, long = max(1, gt_steps // 25), max(1, 2 * gt_steps // 25)
+    return ((short, 2e-3), (long, 1e-3), (long, 2e-3))
+
+
+SHORT_COSINE = short_cosine_runs(200)
 SHORT_SETS = {"short+macs": ("loss@K", "macs"), "short+loss@0+macs": ("loss@0", "loss@K", "macs")}
 
 
@@ -111,7 +122,8 @@ def report(args, setup, gt, features, group) -> None:
     def ffile(a) -> dict | None:
         """The arch's cheap features with its short cosine runs (``short``), where all are measured."""
         f = _read(w / f"feat-{arch_key(a)}.json")
-        short = {f"cosine@{k}/lr{lr:g}": _read(w / f"cos-{arch_key(a)}-{k}-{lr:g}.json") for k, lr in SHORT_COSINE}
+        short = {f"cosine@{k}/lr{lr:g}": _read(w / f"cos-{arch_key(a)}-{k}-{lr:g}.json")
+                 for k, lr in short_cosine_runs(args.gt_steps)}
         return {**f, "short": short} if f and all(short.values()) else None
     out: dict = {"benchmark_name": args.benchmark, "n_archs": 0, "seed": args.seed, "gt_steps": args.gt_steps,
                  "gt_init": "inherit", "new_modules": args.new_modules, "batch": args.batch,
@@ -157,9 +169,10 @@ def report(args, setup, gt, features, group) -> None:
     gt_seconds = float(np.median([g["seconds"] for _, g, _ in rows + design_rows]))
     out["ground_truth_seconds_per_arch"] = gt_seconds
     long_of = {arch_key(a): lg["task_loss"] for a, _, lg in val}
-    out["proxies_test"] = _proxies(rows, design_rows, space, gt_seconds, None) if len(rows) >= 3 else None
-    out["proxies_leave_one_out"] = _proxies(design_rows, design_rows, space, gt_seconds, long_of) \
-        if len(design_rows) >= 5 else None
+    out["proxies_test"] = (_proxies(rows, design_rows, space, gt_seconds, None, args.gt_steps)
+                           if len(rows) >= 3 else None)
+    out["proxies_leave_one_out"] = (_proxies(design_rows, design_rows, space, gt_seconds, long_of, args.gt_steps)
+                                    if len(design_rows) >= 5 else None)
     use_test = len(rows) >= 8
     out["evaluation"] = ("test archs, surrogates fitted on design archs" if use_test else
                          "leave-one-out over the design archs (each predicted by a fit on the others)")
@@ -187,10 +200,11 @@ SETS = {"all": FEATURES, "loss@K+new_fraction": ("loss@K", "new_fraction"),
         "losses+new_fraction": ("loss@0", "loss@K", "new_fraction"), "loss@K+macs": ("loss@K", "macs")}
 
 
-def _proxies(rows: list, design_rows: list, space, gt_seconds: float, long_of: dict | None) -> dict:
-    """Every proxy on ``rows``. With ``long_of`` the rows are the design archs themselves: each surrogate
-    prediction comes from a fit on the other design archs (leave-one-out), and tau against the 5x-longer
-    training is added where it was measured."""
+def _proxies(rows: list, design_rows: list, space, gt_seconds: float, long_of: dict | None,
+             gt_steps: int = 200) -> dict:
+    """Every proxy on ``rows`` (the short cosine runs those of a ``gt_steps`` ground truth). With ``long_of`` the
+    rows are the design archs themselves: each surrogate prediction comes from a fit on the other design archs
+    (leave-one-out), and tau against the 5x-longer training is added where it was measured."""
     from sklearn.linear_model import RidgeCV
 
     y = np.array([g["task_loss"] for _, g, _ in rows])
@@ -214,7 +228,7 @@ def _proxies(rows: list, design_rows: list, space, gt_seconds: float, long_of: d
     for k in (0, 5, 10, 20):
         add(f"distill_task@{k}", "distill", [f["curve"][str(k)] for _, _, f in rows],
             float(np.median([feature_cost(f, k) for _, _, f in rows])))
-    for k, lr in SHORT_COSINE:
+    for k, lr in short_cosine_runs(gt_steps):
         name = f"cosine@{k}/lr{lr:g}"
         add(name, "short_cosine", [f["short"][name]["task_loss"] for _, _, f in rows],
             float(np.median([f["short"][name]["seconds"] for _, _, f in rows])), steps=k, lr=lr)
@@ -231,7 +245,7 @@ def _proxies(rows: list, design_rows: list, space, gt_seconds: float, long_of: d
                                 lambda f, k=k: _at(f, k), names)
                 add(f"surrogate{n}@{k}[{label}]", "surrogate", pred, per_arch + one_time, anchors=n, steps=k,
                     features=list(names), one_time_seconds_per_trial=one_time, per_arch_seconds=per_arch)
-        for k, lr in SHORT_COSINE:
+        for k, lr in short_cosine_runs(gt_steps):
             name = f"cosine@{k}/lr{lr:g}"
             per_arch = float(np.median([f["short"][name]["seconds"] for _, _, f in rows]))
             for label, names in SHORT_SETS.items():
@@ -318,19 +332,20 @@ def validity_report(args, setup, group) -> None:
                 "ground_truth_validity_discordant_beyond_noise", "ground_truth_repeat_sigma_log",
                 "ground_truth_validity_long_repeat_sigma_log", "ground_truth_tau_ceiling", "ground_truth_lengthened"):
         print(f"{key}: {out.get(key)}")
-    name = result_name(args).replace("proxy_validity_cosine", "proxy_gt_validity")
-    name += "" if "_seed" in name or args.benchmark == "digits" else "_seed0"
-    print(f"wrote {write_result(name, out)}")
+    print(f"wrote {write_result(result_name(args, 'proxy_gt_validity', args.benchmark != 'digits'), out)}")
 
 
-def result_name(args) -> str:
-    """The results file of a run of these options (without ``.json``)."""
+def result_name(args, stem: str = "proxy_validity_cosine", seed0: bool = False) -> str:
+    """The results file of a run of these options (without ``.json``): the stem, then every option that differs
+    from its default, so a run of other options never overwrites the default run's results. ``seed0``: name
+    seed 0 too (the validity files of shapes always carry their seed)."""
     suffix = "" if args.benchmark == "digits" else f"_{args.benchmark}"
-    suffix += "" if args.seed == 0 else f"_seed{args.seed}"
+    suffix += f"_seed{args.seed}" if args.seed or seed0 else ""
     suffix += "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     suffix += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"
     suffix += "" if args.teacher_steps == 400 else f"_teacher{args.teacher_steps}"
-    return f"proxy_validity_cosine{suffix}"
+    suffix += "" if args.gt_steps == 200 else f"_gt{args.gt_steps}"
+    return f"{stem}{suffix}"
 
 
 def _write(args, out: dict) -> None:

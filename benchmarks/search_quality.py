@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from common import write_result
 from proxy_validity_cosine import table_space
-from proxy_validity_report import SHORT_COSINE
+from proxy_validity_report import short_cosine_runs
 from search_efficiency import LATENCY_OBJECTIVE, QUALITY, TableEvaluator, hypervolume
 
 from nas.experiment import Experiment
@@ -57,7 +57,8 @@ def arch_record(work: Path, arch: UNetArch, gt_steps: int, seed: int) -> dict | 
     key = arch_key(arch)
     gt = _read(work / f"gt-{key}-{gt_steps}-{seed}.json")
     feat = _read(work / f"feat-{key}.json")
-    short = {f"cosine@{k}/lr{lr:g}": _read(work / f"cos-{key}-{k}-{lr:g}.json") for k, lr in SHORT_COSINE}
+    short = {f"cosine@{k}/lr{lr:g}": _read(work / f"cos-{key}-{k}-{lr:g}.json")
+             for k, lr in short_cosine_runs(gt_steps)}
     if not (gt and feat and all(short.values())):
         return None
     return {"gt": gt["task_loss"], "features": feat, "short": short}
