@@ -327,12 +327,40 @@ def validity_report(args, setup, group) -> None:
                        for a, g, lg in val]
     out["ground_truth_repeat_pairs"] = reps
     out["ground_truth_validity_long_repeat_pairs"] = long_reps
+    out["ranking_by_training_length"] = ranking_by_length(args.work, anchors, args.seed)
+    for row in ranking_by_length_rows(out["ranking_by_training_length"]):
+        print(row)
     for key in ("ground_truth_validity_n", "ground_truth_validity_tau", "ground_truth_validity_ceiling",
                 "ground_truth_validity_ceiling_p5", "ground_truth_validity_discordant_pairs",
                 "ground_truth_validity_discordant_beyond_noise", "ground_truth_repeat_sigma_log",
                 "ground_truth_validity_long_repeat_sigma_log", "ground_truth_tau_ceiling", "ground_truth_lengthened"):
         print(f"{key}: {out.get(key)}")
     print(f"wrote {write_result(result_name(args, 'proxy_gt_validity', args.benchmark != 'digits'), out)}")
+
+
+def ranking_by_length(work: Path, anchors: list, seed: int) -> dict:
+    """Every training length at which all ``anchors`` were run (ground truth, 5x, ``--mid-steps``, earlier runs in
+    the same work folder) and Kendall tau between each two: how far the ranking keeps moving as training grows."""
+    runs: dict[int, list[float]] = {}
+    for path in work.glob(f"gt-{arch_key(anchors[0])}-*-{seed}.json"):
+        steps = int(path.stem.rsplit("-", 2)[1])
+        losses = [_read(work / f"gt-{arch_key(a)}-{steps}-{seed}.json") for a in anchors]
+        if all(losses):
+            runs[steps] = [g["task_loss"] for g in losses]
+    lengths = sorted(runs)
+    return {"steps": lengths, "losses": {str(s): runs[s] for s in lengths},
+            "arch_keys": [arch_key(a) for a in anchors],
+            "tau": {f"{a}-{b}": tau(runs[a], runs[b]) for a, b in itertools.combinations(lengths, 2)}}
+
+
+def ranking_by_length_rows(data: dict) -> list[str]:
+    """The tau matrix of :func:`ranking_by_length` as printable rows."""
+    steps = data["steps"]
+    rows = [f"{'steps':>6s}" + "".join(f"{s:>7d}" for s in steps)]
+    for a in steps:
+        cells = [1.0 if a == b else data["tau"].get(f"{min(a, b)}-{max(a, b)}") for b in steps]
+        rows.append(f"{a:>6d}" + "".join(f"{c:7.2f}" for c in cells))
+    return rows
 
 
 def result_name(args, stem: str = "proxy_validity_cosine", seed0: bool = False) -> str:
