@@ -16,6 +16,7 @@ from proxies.quality.fidelity import FEATURES, feature_vector
 from proxies.quality.surrogate import arch_key, fit_ridge
 
 TRIALS = 200
+VALIDITY_BAR = 0.9  # the bar: the ground truth's ranking against 5x longer training
 
 
 def short_cosine_runs(gt_steps: int = 200) -> tuple[tuple[int, float], ...]:
@@ -90,6 +91,8 @@ def validity_noise(val: list[tuple[float, float]], reps: list[tuple[float, float
                 for _ in range(2000)]
         out["ground_truth_validity_ceiling"] = float(np.mean(sims))
         out["ground_truth_validity_ceiling_p5"] = float(np.percentile(sims, 5))
+        # how often such an exact ground truth would pass the 0.9 bar: the test's power on these archs
+        out["ground_truth_validity_pass_rate_if_exact"] = float(np.mean(np.array(sims) >= VALIDITY_BAR - 1e-9))
     return out
 
 
@@ -331,7 +334,8 @@ def validity_report(args, setup, group) -> None:
     for row in ranking_by_length_rows(out["ranking_by_training_length"]):
         print(row)
     for key in ("ground_truth_validity_n", "ground_truth_validity_tau", "ground_truth_validity_ceiling",
-                "ground_truth_validity_ceiling_p5", "ground_truth_validity_discordant_pairs",
+                "ground_truth_validity_ceiling_p5", "ground_truth_validity_pass_rate_if_exact",
+                "ground_truth_validity_discordant_pairs",
                 "ground_truth_validity_discordant_beyond_noise", "ground_truth_repeat_sigma_log",
                 "ground_truth_validity_long_repeat_sigma_log", "ground_truth_tau_ceiling", "ground_truth_lengthened"):
         print(f"{key}: {out.get(key)}")
