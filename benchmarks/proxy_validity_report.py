@@ -330,9 +330,13 @@ def validity_report(args, setup, group) -> None:
                        for a, g, lg in val]
     out["ground_truth_repeat_pairs"] = reps
     out["ground_truth_validity_long_repeat_pairs"] = long_reps
-    out["ranking_by_training_length"] = ranking_by_length(args.work, anchors, args.seed)
+    out["ranking_by_training_length"] = lengths = ranking_by_length(args.work, anchors, args.seed)
+    out["signals_vs_longest"] = signals_vs_longest(args, anchors, lengths)
     for row in ranking_by_length_rows(out["ranking_by_training_length"]):
         print(row)
+    for name, v in (out["signals_vs_longest"] or {}).get("signals", {}).items():
+        print(f"{name:28s} tau vs {lengths['steps'][-1]} steps {v['kendall_tau']:5.2f}  "
+              f"cost {v['cost_fraction_of_ground_truth']:6.1%}")
     for key in ("ground_truth_validity_n", "ground_truth_validity_tau", "ground_truth_validity_ceiling",
                 "ground_truth_validity_ceiling_p5", "ground_truth_validity_pass_rate_if_exact",
                 "ground_truth_validity_discordant_pairs",
@@ -355,6 +359,40 @@ def ranking_by_length(work: Path, anchors: list, seed: int) -> dict:
     return {"steps": lengths, "losses": {str(s): runs[s] for s in lengths},
             "arch_keys": [arch_key(a) for a in anchors],
             "tau": {f"{a}-{b}": tau(runs[a], runs[b]) for a, b in itertools.combinations(lengths, 2)}}
+
+
+def signals_vs_longest(args, anchors: list, lengths: dict) -> dict | None:
+    """Kendall tau of every cheap signal, and of the ground truth at every shorter length, against the design
+    archs' ranking at the longest length measured: what ranks the most-trained order, whatever the ground truth's
+    length. Costs are fractions of the median ``--gt-steps`` run. None until every design arch has its cheap
+    features and short cosine runs (``--part all`` or ``design`` jobs)."""
+    if len(lengths["steps"]) < 2:
+        return None
+    w = args.work
+    feats = [_read(w / f"feat-{arch_key(a)}.json") for a in anchors]
+    shorts = {f"cosine@{k}/lr{lr:g}": [_read(w / f"cos-{arch_key(a)}-{k}-{lr:g}.json") for a in anchors]
+              for k, lr in short_cosine_runs(args.gt_steps)}
+    if not all(feats) or not all(all(v) for v in shorts.values()):
+        return None
+    longest = lengths["steps"][-1]
+    target = lengths["losses"][str(longest)]
+    gt_runs = [_read(w / f"gt-{arch_key(a)}-{args.gt_steps}-{args.seed}.json") for a in anchors]
+    gt_seconds = float(np.median([g["seconds"] for g in gt_runs]))
+    signals = {"params": ([-f["params"] for f in feats], 0.0), "macs": ([-f["macs"] for f in feats], 0.0)}
+    for k in (0, 5, 10, 20):
+        signals[f"distill_task@{k}"] = ([f["curve"][str(k)] for f in feats],
+                                        float(np.median([feature_cost(f, k) for f in feats])))
+    for name, runs in shorts.items():
+        signals[name] = ([r["task_loss"] for r in runs], float(np.median([r["seconds"] for r in runs])))
+    for steps in lengths["steps"][:-1]:
+        runs = [_read(w / f"gt-{arch_key(a)}-{steps}-{args.seed}.json") for a in anchors]
+        signals[f"ground_truth@{steps}"] = ([r["task_loss"] for r in runs],
+                                            float(np.median([r["seconds"] for r in runs])))
+    return {"longest_steps": longest, "n": len(anchors), "cost_unit": f"median {args.gt_steps}-step ground truth",
+            "cost_note": "each run's own clock; these runs were made at different times and machine loads, so the "
+                         "fractions are indicative only (the proxy reports time proxies and ground truth together)",
+            "signals": {name: {"kendall_tau": tau(scores, target), "cost_fraction_of_ground_truth": sec / gt_seconds}
+                        for name, (scores, sec) in signals.items()}}
 
 
 def ranking_by_length_rows(data: dict) -> list[str]:
