@@ -22,9 +22,8 @@ VALIDITY_BAR = 0.9  # the issue's bar: the ground truth's ranking against 5x lon
 def short_cosine_runs(gt_steps: int = 200) -> tuple[tuple[int, float], ...]:
     """The ground-truth protocol shrunk: (steps, peak lr) of the short cosine-to-zero runs, evaluated on 64 items.
 
-    Their lengths are 4% and 8% of the ground truth's steps (8 and 16 at 200), so a longer ground truth
-    (shapes needs 400 steps to agree with 5x longer training) is judged against proxies of the same share of its
-    cost rather than of a shorter run's."""
+    Their lengths are 4% and 8% of the ground truth's steps (8 and 16 at 200), so a longer ground truth (``--gt-steps
+    400``, tried on shapes) is judged against proxies of the same share of its cost rather than of a shorter run's."""
     short, long = max(1, gt_steps // 25), max(1, 2 * gt_steps // 25)
     return ((short, 2e-3), (long, 1e-3), (long, 2e-3))
 
@@ -390,7 +389,7 @@ def signals_vs_longest(args, anchors: list, lengths: dict) -> dict | None:
                                             float(np.median([r["seconds"] for r in runs])))
     return {"longest_steps": longest, "n": len(anchors), "cost_unit": f"median {args.gt_steps}-step ground truth",
             "cost_note": "each run's own clock; these runs were made at different times and machine loads, so the "
-                         "fractions are indicative only (the proxy reports time proxies and ground truth together)",
+                         "fractions are indicative only (--part report times proxies and ground truth under one load)",
             "signals": {name: {"kendall_tau": tau(scores, target), "cost_fraction_of_ground_truth": sec / gt_seconds}
                         for name, (scores, sec) in signals.items()}}
 
