@@ -210,11 +210,13 @@ def run_main(args) -> None:
 
 
 def run_design(args) -> None:
-    """Ground truth and features of some design archs, then repeats of some (a helper beside ``main``)."""
+    """Ground truth, features and short cosine runs of some design archs, then repeats of some (a helper beside
+    ``main``; with ``--gt-steps`` it also completes the design archs' ``signals_vs_longest`` of the validity report)."""
     ctx, _, anchors, _ = setup(args)
     for i in args.indices or range(len(anchors)):
         g = gt(args, ctx, anchors[i], args.gt_steps, args.seed)
         features(args, ctx, anchors[i])
+        short_cosine(args, ctx, anchors[i])
         print(f"design {i}: {group(anchors[i])} gt {g['task_loss']:.4f} ({g['seconds']:.0f}s)", flush=True)
     for i in args.repeat_indices or ():
         g = gt(args, ctx, anchors[i], args.gt_steps, args.seed + 1000)
