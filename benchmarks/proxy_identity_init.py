@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from common import write_result
 from proxy_validity_cosine import setup
-from proxy_validity_report import SHORT_COSINE, _proxies, tau  # its runs use the 200-step ground truth
+from proxy_validity_report import _proxies, short_cosine_runs, tau
 
 from proxies.benchmark import BENCHMARKS
 from proxies.quality.surrogate import arch_key
@@ -37,9 +37,10 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _features(folder: Path, arch) -> dict | None:
+def _features(folder: Path, arch, gt_steps: int) -> dict | None:
     f = _read(folder / f"feat-{arch_key(arch)}.json")
-    short = {f"cosine@{k}/lr{lr:g}": _read(folder / f"cos-{arch_key(arch)}-{k}-{lr:g}.json") for k, lr in SHORT_COSINE}
+    short = {f"cosine@{k}/lr{lr:g}": _read(folder / f"cos-{arch_key(arch)}-{k}-{lr:g}.json")
+             for k, lr in short_cosine_runs(gt_steps)}
     return {**f, "short": short} if f and all(short.values()) else None
 
 
@@ -86,9 +87,10 @@ def main() -> None:
     # proxies on the test archs, judged by the fresh ground truth; surrogates fitted on the design archs' own
     design_keys = {arch_key(a) for a in anchors}
     for label, folder in (("fresh", fresh), ("identity", identity)):
-        rows = [(a, gt(fresh, a, args.gt_steps), _features(folder, a)) for a in tests if arch_key(a) not in design_keys]
+        rows = [(a, gt(fresh, a, args.gt_steps), _features(folder, a, args.gt_steps))
+                for a in tests if arch_key(a) not in design_keys]
         rows = [r for r in rows if r[1] and r[2]]
-        design_rows = [(a, gt(folder, a, args.gt_steps), _features(folder, a)) for a in anchors]
+        design_rows = [(a, gt(folder, a, args.gt_steps), _features(folder, a, args.gt_steps)) for a in anchors]
         design_rows = [r for r in design_rows if r[1] and r[2]]
         out[f"n_test_{label}"] = len(rows)
         if len(rows) >= 3 and design_rows:

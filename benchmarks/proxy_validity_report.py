@@ -27,8 +27,6 @@ def short_cosine_runs(gt_steps: int = 200) -> tuple[tuple[int, float], ...]:
     short, long = max(1, gt_steps // 25), max(1, 2 * gt_steps // 25)
     return ((short, 2e-3), (long, 1e-3), (long, 2e-3))
 
-
-SHORT_COSINE = short_cosine_runs(200)
 SHORT_SETS = {"short+macs": ("loss@K", "macs"), "short+loss@0+macs": ("loss@0", "loss@K", "macs")}
 
 
@@ -348,16 +346,18 @@ def validity_report(args, setup, group) -> None:
 def ranking_by_length(work: Path, anchors: list, seed: int) -> dict:
     """Every training length at which all ``anchors`` were run (ground truth, 5x, ``--mid-steps``, earlier runs in
     the same work folder) and Kendall tau between each two: how far the ranking keeps moving as training grows."""
-    runs: dict[int, list[float]] = {}
+    runs: dict[int, list[dict]] = {}
     for path in work.glob(f"gt-{arch_key(anchors[0])}-*-{seed}.json"):
         steps = int(path.stem.rsplit("-", 2)[1])
-        losses = [_read(work / f"gt-{arch_key(a)}-{steps}-{seed}.json") for a in anchors]
-        if all(losses):
-            runs[steps] = [g["task_loss"] for g in losses]
+        found = [_read(work / f"gt-{arch_key(a)}-{steps}-{seed}.json") for a in anchors]
+        if all(found):
+            runs[steps] = found
     lengths = sorted(runs)
-    return {"steps": lengths, "losses": {str(s): runs[s] for s in lengths},
+    losses = {s: [g["task_loss"] for g in runs[s]] for s in lengths}
+    return {"steps": lengths, "losses": {str(s): losses[s] for s in lengths},
+            "seconds": {str(s): float(np.median([g["seconds"] for g in runs[s]])) for s in lengths},
             "arch_keys": [arch_key(a) for a in anchors],
-            "tau": {f"{a}-{b}": tau(runs[a], runs[b]) for a, b in itertools.combinations(lengths, 2)}}
+            "tau": {f"{a}-{b}": tau(losses[a], losses[b]) for a, b in itertools.combinations(lengths, 2)}}
 
 
 def signals_vs_longest(args, anchors: list, lengths: dict) -> dict | None:
@@ -375,8 +375,9 @@ def signals_vs_longest(args, anchors: list, lengths: dict) -> dict | None:
         return None
     longest = lengths["steps"][-1]
     target = lengths["losses"][str(longest)]
-    gt_runs = [_read(w / f"gt-{arch_key(a)}-{args.gt_steps}-{args.seed}.json") for a in anchors]
-    gt_seconds = float(np.median([g["seconds"] for g in gt_runs]))
+    if str(args.gt_steps) not in lengths["seconds"]:
+        return None
+    gt_seconds = lengths["seconds"][str(args.gt_steps)]
     signals = {"params": ([-f["params"] for f in feats], 0.0), "macs": ([-f["macs"] for f in feats], 0.0)}
     for k in (0, 5, 10, 20):
         signals[f"distill_task@{k}"] = ([f["curve"][str(k)] for f in feats],
@@ -384,9 +385,7 @@ def signals_vs_longest(args, anchors: list, lengths: dict) -> dict | None:
     for name, runs in shorts.items():
         signals[name] = ([r["task_loss"] for r in runs], float(np.median([r["seconds"] for r in runs])))
     for steps in lengths["steps"][:-1]:
-        runs = [_read(w / f"gt-{arch_key(a)}-{steps}-{args.seed}.json") for a in anchors]
-        signals[f"ground_truth@{steps}"] = ([r["task_loss"] for r in runs],
-                                            float(np.median([r["seconds"] for r in runs])))
+        signals[f"ground_truth@{steps}"] = (lengths["losses"][str(steps)], lengths["seconds"][str(steps)])
     return {"longest_steps": longest, "n": len(anchors), "cost_unit": f"median {args.gt_steps}-step ground truth",
             "cost_note": "each run's own clock; these runs were made at different times and machine loads, so the "
                          "fractions are indicative only (--part report times proxies and ground truth under one load)",
