@@ -47,6 +47,8 @@ from proxies.quality.train import train
 from search_spaces import get_arch
 from search_spaces.inherit import inherit_weights
 
+PROXY_NAMES = ("macs", "params", "grad_norm", "snip", "synflow", "jacob_cov", "distill_kd@0", "distill_task@20",
+               "short_train_inherit@20", "cosine@16/lr0.002", "surrogate_per_trial@5")
 GT_STEPS = 200  # the benchmark's ground-truth protocol: 200 cosine steps (proxy_validity_cosine.py)
 
 
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="times every proxy is called in turn; the minimum is kept, the spread is the noise floor")
     parser.add_argument("--trials", type=int, default=400, help="trials of the search priced in GPU-hours")
     parser.add_argument("--anchors", type=int, default=8, help="the surrogate's anchors (its default)")
+    parser.add_argument("--proxies", nargs="*", default=None, help="time only these proxies (default: all)")
     parser.add_argument("--name", default=None, help="result file name (default proxy_cost_sd_<device>)")
     args = parser.parse_args(argv)
     device = args.device
@@ -114,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         teacher_arch, student_arch = get_arch(args.teacher), get_arch(args.student)
     except Exception as exc:  # an unknown name or a bad YAML: one line, exit 2
         print(f"error: --teacher/--student: {exc}", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.proxies or ()) - set(PROXY_NAMES))
+    if unknown:
+        print(f"error: --proxies: unknown {', '.join(unknown)} (known: {', '.join(PROXY_NAMES)})", file=sys.stderr)
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if device == "cpu":
@@ -171,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         "cosine@16/lr0.002": (lambda: full_fidelity(student_arch, ctx, 16, lr=2e-3, eval_items=64), True),
         "surrogate_per_trial@5": (lambda: cheap_features(student_arch, ctx, 5, eval_items=64), True),
     }
+    assert set(proxies) == set(PROXY_NAMES)
+    proxies = {k: v for k, v in proxies.items() if args.proxies is None or k in args.proxies}
     measured: dict[str, dict[str, Any]] = {name: {"calls": []} for name in proxies}
     for _ in range(args.passes):  # every proxy once per pass, so a change of clock or load hits all alike
         for name, (fn, amp) in proxies.items():
@@ -212,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     composition_check = {k: {"composed_s": v, "measured_s": measured[k].get("seconds"),
                              "ratio": (measured[k]["seconds"] / v) if measured[k].get("seconds") else None}
-                         for k, v in check.items()}
+                         for k, v in check.items() if k in measured}
     one_time = composed[f"surrogate one-time: {args.anchors} anchors' ground truth + features"] or 0.0
     hours: dict[str, Any] = {}
     for name, m in measured.items():

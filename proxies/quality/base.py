@@ -54,10 +54,17 @@ class QualityContext:
     new_modules: str = "fresh"
 
     def build(self, arch: UNetArch, seed: int | None = None) -> FlexibleUNet2DConditionModel:
-        """A freshly initialised model for ``arch`` (deterministic under the seed) on the context's device."""
+        """A freshly initialised model for ``arch`` (deterministic under the seed on a given device).
+
+        Built directly on the context's device: initialising an SD-sized U-Net (0.8B parameters) on the CPU and
+        copying it over cost 5-7 s of every trial on an H200 machine (``benchmarks/proxy_cost_sd.py``), as much as
+        a zero-cost proxy's whole evaluation. A CUDA build draws other initial values than a CPU build of the same
+        seed (each device has its own generator); inherited weights are copied either way."""
         self.data.check_compatible(arch)
         torch.manual_seed(self.seed if seed is None else seed)
-        model = FlexibleUNet2DConditionModel.from_arch(arch).to(self.device)
+        with torch.device(self.device):
+            model = FlexibleUNet2DConditionModel.from_arch(arch)
+        model = model.to(self.device)
         if self.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         return model
