@@ -58,6 +58,20 @@ class TeacherSpec(_Strict):
         return self
 
 
+class QualityContextSpec(_Strict):
+    """How quality proxies train and evaluate (one context per run, shared by every quality objective). The
+    defaults suit the CPU benchmarks; an SD-sized search needs smaller batches and bf16: at batch 8 with bf16
+    autocast a distillation step of a DeciDiffusion-1.0-sized student beside the SD1.5 teacher peaks at 21 GiB on
+    an H200 (``benchmarks/proxy_cost_sd.py``), and the evaluation over 256 items at 27 GiB."""
+
+    batch_size: int = Field(64, ge=1, description="items per training step of a proxy")
+    micro_batch: int | None = Field(None, ge=1, description="split each batch (gradients accumulate) to bound memory")
+    eval_items: int = Field(256, ge=1, description="held-out items a proxy scores on")
+    eval_timesteps: int = Field(10, ge=1, description="timesteps of the held-out evaluation grid")
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16"] = "no"
+
+
 class Objective(_Strict):
     """One objective. ``kind`` decides which other fields apply; all objectives are minimised."""
 
@@ -159,6 +173,7 @@ class Experiment(_Strict):
     storage: str | dict[str, str] | None = None
     data: str | None = None
     teacher: TeacherSpec | None = None
+    quality_context: QualityContextSpec = Field(default_factory=QualityContextSpec)
     device: str = "cpu"
     references: list[str] = Field(default_factory=list)
     ray: RayOptions = Field(default_factory=RayOptions)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from proxies.data import digits_cache
-from proxies.quality import QualityContext, make_proxy
+from proxies.quality import QualityContext, evaluate, make_proxy
 from proxies.quality.train import train
 from search_spaces import ConfigError, UNetArch, get_arch
 
@@ -88,6 +89,10 @@ def test_micro_batches_and_checkpointing_give_the_same_step(ctx):
         losses.append(train(m, c, 1, lr=1e-3)["losses"][0])
         models.append(m)
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
+    whole = evaluate(models[0], ctx, teacher=ctx.teacher)  # evaluation in micro-batches: the same figures
+    chunked = evaluate(models[0], replace(ctx, micro_batch=24), teacher=ctx.teacher)  # 64 items: 24 + 24 + 16
+    assert chunked["task_loss"] == pytest.approx(whole["task_loss"], rel=1e-5)
+    assert chunked["kd_loss"] == pytest.approx(whole["kd_loss"], rel=1e-5)
     # Adam's first step is about lr * sign(grad): rounding may flip a near-zero gradient's sign, so compare the
     # updated weights on average rather than element by element
     ref = torch.cat([p.detach().flatten() for p in models[0].parameters()])
@@ -111,3 +116,22 @@ def test_proxy_errors_are_clear(ctx):
         make_proxy("distill")(get_arch("digits"), no_teacher)
     with pytest.raises(ConfigError, match="channels"):
         make_proxy("grad_norm")(get_arch("tiny"), ctx)
+
+
+def test_bf16_mixed_precision_runs_every_proxy_under_autocast(ctx):
+    """``mixed_precision="bf16"``: the same proxy, deterministic, close to fp32 but not equal to it (autocast is on);
+    SynFlow's float64 is left alone; the weights stay fp32."""
+    arch = UNetArch.from_dict(NEAR_TEACHER)
+    bf16 = replace(ctx, mixed_precision="bf16")
+    proxy = make_proxy("distill", steps=2, metric="task")
+    fp32, first, second = proxy(arch, ctx), proxy(arch, bf16), proxy(arch, bf16)
+    assert first.score == second.score and first.score != fp32.score
+    assert first.score == pytest.approx(fp32.score, rel=0.05)
+    synflow = make_proxy("synflow")
+    assert synflow(arch, bf16).score == synflow(arch, ctx).score
+    with bf16.autocast():
+        assert torch.is_autocast_enabled("cpu")
+    assert next(bf16.build(arch).parameters()).dtype == torch.float32
+    with pytest.raises(ConfigError) as exc:
+        QualityContext(data=ctx.data, mixed_precision="fp8")
+    assert exc.value.field == "mixed_precision"

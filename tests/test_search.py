@@ -166,6 +166,8 @@ def test_suggest_and_enqueue_round_trip():
          "constraints[0].objective"),
         (lambda t: t.replace("name: nsga2", "name: annealing"), "strategy.name"),
         (lambda t: t.replace("kind: macs", "kind: fid"), "objectives[1].kind"),
+        (lambda t: t + "quality_context: {mixed_precision: fp8}\n", "quality_context.mixed_precision"),
+        (lambda t: t + "quality_context: {batch_size: 0}\n", "quality_context.batch_size"),
     ],
 )
 def test_experiment_errors_name_the_field_and_line(tmp_path, change, field):
@@ -184,6 +186,20 @@ def test_impossible_and_unknown_references_are_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         Evaluator(exp).check()
     assert err.value.field == "constraints[1].of"
+
+
+def test_quality_context_reaches_the_proxies(tmp_path):
+    """The experiment's quality_context is the context every quality objective scores in."""
+    text = CHEAP.format(name="ctx", strategy="random", trials=2).replace(
+        "objectives:\n", "objectives:\n  - {name: quality, kind: quality, proxy: grad_norm}\n")
+    text += "data: digits\nquality_context: {batch_size: 8, micro_batch: 4, eval_items: 16, eval_timesteps: 2, " \
+            "mixed_precision: bf16}\n"
+    ctx = Evaluator(load_experiment(write(tmp_path, text)))._quality_context()
+    assert (ctx.batch_size, ctx.micro_batch, ctx.eval_items, ctx.eval_timesteps, ctx.mixed_precision) == \
+        (8, 4, 16, 2, "bf16")
+    default = Evaluator(load_experiment(write(tmp_path, CHEAP.format(name="d", strategy="random", trials=2)
+                                              + "data: digits\n", "d.yaml")))._quality_context()
+    assert (default.batch_size, default.eval_items, default.mixed_precision) == (64, 256, "no")
 
 
 def test_shipped_experiments_validate():

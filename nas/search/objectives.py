@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +127,11 @@ class Evaluator:
             data = ShardedDataset(where).in_memory(train=PROXY_TRAIN_ITEMS, val=PROXY_VAL_ITEMS)
         else:
             data = LatentCache.load(where)
+        q = self.exp.quality_context
         ctx = QualityContext(data=data, seed=self.exp.seed, device=self.exp.device, space=self.space,
-                             cache_dir=self.exp.run_dir)
+                             cache_dir=self.exp.run_dir, batch_size=q.batch_size, micro_batch=q.micro_batch,
+                             eval_items=q.eval_items, eval_timesteps=q.eval_timesteps,
+                             gradient_checkpointing=q.gradient_checkpointing, mixed_precision=q.mixed_precision)
         if self.exp.teacher is not None:
             ctx.teacher = self._teacher(ctx)
         self._ctx = ctx
@@ -149,7 +152,9 @@ class Evaluator:
         arch = get_arch(spec.arch) if not Path(spec.arch).exists() else load_arch(spec.arch)
         self.log(f"training the teacher {spec.arch} for {spec.train_steps} steps")
         model = ctx.build(arch, seed=self.exp.seed)
-        train(model, ctx, spec.train_steps, lr=spec.lr, seed=self.exp.seed)
+        # the teacher's own recipe: batch 64 in fp32 whatever quality_context sets for the proxies
+        recipe = replace(ctx, batch_size=64, micro_batch=None, mixed_precision="no")
+        train(model, recipe, spec.train_steps, lr=spec.lr, seed=self.exp.seed)
         if not (saved / "config.json").is_file():  # else another worker saved it first
             save_pretrained(model, saved)  # atomic: a crash leaves no half-written teacher to be reused
         return model.eval()

@@ -7,6 +7,7 @@ score carries its cost in seconds. The denoising objective is DeciDiffusion's: v
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -18,10 +19,11 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from search_spaces import FlexibleUNet2DConditionModel, UNetArch
+from search_spaces import ConfigError, FlexibleUNet2DConditionModel, UNetArch
 
 from ..data import LatentCache
 
+MIXED_PRECISION = ("no", "bf16")
 Report = Callable[[int, float], bool]  # (step, value) -> True to stop early (a scheduler pruned the trial)
 
 
@@ -37,7 +39,9 @@ class QualityContext:
     ``gradient_checkpointing`` trades compute for memory on big models. ``space`` and ``cache_dir`` serve
     proxies with one-time work (the surrogate chooses its anchor archs in the space and caches its runs).
     ``new_modules``: how inheritance starts what the teacher lacks (``fresh`` or ``identity``, see
-    :func:`search_spaces.inherit.inherit_weights`)."""
+    :func:`search_spaces.inherit.inherit_weights`). ``mixed_precision="bf16"`` runs every proxy under bf16
+    autocast (weights and optimiser state stay fp32, as accelerate's ``mixed_precision: bf16`` trains): at SD scale
+    it is what fits a distillation step of a 0.8B student beside its teacher in 21 GiB at batch 8."""
 
     data: LatentCache
     teacher: nn.Module | None = None
@@ -52,6 +56,19 @@ class QualityContext:
     space: Any = None
     cache_dir: Path | None = None
     new_modules: str = "fresh"
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}",
+                              field="mixed_precision")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context every proxy runs in: bf16 autocast, or nothing. float64 work (SynFlow) is left as it is:
+        autocast never casts float64."""
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
 
     def build(self, arch: UNetArch, seed: int | None = None) -> FlexibleUNet2DConditionModel:
         """A freshly initialised model for ``arch`` (deterministic under the seed on a given device).
@@ -98,7 +115,8 @@ class QualityProxy(ABC):
 
     def __call__(self, arch: UNetArch, ctx: QualityContext, report: Report | None = None) -> QualityScore:
         start = time.perf_counter()
-        score, details = self.compute(arch, ctx, report)
+        with ctx.autocast():
+            score, details = self.compute(arch, ctx, report)
         return QualityScore(float(score), time.perf_counter() - start, details)
 
     @abstractmethod
@@ -124,7 +142,8 @@ def denoising_loss(model: nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor,
 @torch.no_grad()
 def evaluate(model: nn.Module, ctx: QualityContext, teacher: nn.Module | None = None) -> dict[str, float]:
     """Held-out denoising loss on a fixed grid of timesteps, fixed items and fixed noise (deterministic), and,
-    given a teacher, the output-level distillation loss against it."""
+    given a teacher, the output-level distillation loss against it. The items go through the model in chunks of
+    the context's ``micro_batch`` (all at once without one)."""
     was_training = model.training
     model.eval()
     val = ctx.data.split("val")
@@ -135,14 +154,19 @@ def evaluate(model: nn.Module, ctx: QualityContext, teacher: nn.Module | None = 
     text = val.text[idx].to(ctx.device)
     steps = torch.linspace(0, ctx.scheduler.config.num_train_timesteps - 1, ctx.eval_timesteps).round().long()
     task = kd = 0.0
+    chunk = ctx.micro_batch or n  # bounds memory as in training: 256 SD-sized items in one pass peak at 27 GiB
     for step in steps:
         noise = torch.randn(x0.shape, generator=g).to(ctx.device)
         t = step.repeat(n).to(ctx.device)
         noisy, target = noisy_and_target(ctx.scheduler, x0, noise, t)
-        out = model(noisy, t, text).sample.float()
-        task += (out - target).square().mean().item()
-        if teacher is not None:
-            kd += (out - teacher(noisy, t, text).sample.float()).square().mean().item()
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
+            weight = (min(start + chunk, n) - start) / n  # 1.0 for one chunk: the same figure as unchunked
+            out = model(noisy[part], t[part], text[part]).sample.float()
+            task += (out - target[part]).square().mean().item() * weight
+            if teacher is not None:
+                t_out = teacher(noisy[part], t[part], text[part]).sample.float()
+                kd += (out - t_out).square().mean().item() * weight
     model.train(was_training)
     result = {"task_loss": task / len(steps)}
     if teacher is not None:
