@@ -12,7 +12,10 @@ teacher's weights, one distillation step, one plain training step, one evaluatio
 evaluation items with and without the teacher), and composes from them what is too long to run here: the
 DeciDiffusion experiments' own proxy (``distill`` with 200 steps, ``metric: kd``), one ground-truth run of the
 benchmark's protocol at this scale (200 cosine steps, evaluation over 20 timesteps), and the surrogate's
-one-time work. The composition is checked against the proxies that were run end to end
+one-time work. A context keeps the teacher's outputs on the evaluation grid, so from the second call on a
+distillation proxy's evaluation runs the student alone: composed figures use that steady state
+(``eval_timestep_kd_cached_s``), and the faster of the passes of an end-to-end call is one. The composition is
+checked against the proxies that were run end to end
 (``composition_check``). Every figure is device-synchronised wall time: a part is the median of its
 calls after one warm-up call; a proxy is timed end to end once per pass (``--passes``, all proxies in turn
 each pass; the minimum is kept and the spread between passes is the noise floor), after the parts have warmed
@@ -154,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         total, _ = timed(lambda: train(student, ctx, n, lr=1e-5), device)
         parts["train_step_s"] = total / n
         one = replace(ctx, eval_timesteps=1)
-        parts["eval_timestep_kd_s"], _ = timed(lambda: evaluate(student, one, teacher=ctx.teacher), device)
+        # the first trial computes the teacher's outputs on the evaluation grid, later ones reuse them
+        parts["eval_timestep_kd_s"], _ = timed(
+            lambda: evaluate(student, replace(one, teacher_outputs={}), teacher=ctx.teacher), device)
+        parts["eval_timestep_kd_cached_s"], _ = timed(lambda: evaluate(student, one, teacher=ctx.teacher), device)
         parts["eval_timestep_s"], _ = timed(lambda: evaluate(student, one), device)
         small = replace(one, eval_items=64)
         parts["eval_timestep_64_items_s"], _ = timed(lambda: evaluate(student, small), device)
@@ -204,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- composed from the parts: what is too long to run here -----------------------------------------------
     base = parts["build_student_s"] + parts["inherit_s"]
-    eval_kd = args.eval_timesteps * parts["eval_timestep_kd_s"]
+    eval_kd = args.eval_timesteps * parts["eval_timestep_kd_cached_s"]  # a search's steady state
     eval_task = args.eval_timesteps * parts["eval_timestep_s"]
     gt_run = base + GT_STEPS * parts["distill_step_s"] + GT_TIMESTEPS * parts["eval_timestep_s"]
     features = measured.get("surrogate_per_trial@5", {}).get("seconds")

@@ -135,3 +135,27 @@ def test_bf16_mixed_precision_runs_every_proxy_under_autocast(ctx):
     with pytest.raises(ConfigError) as exc:
         QualityContext(data=ctx.data, mixed_precision="fp8")
     assert exc.value.field == "mixed_precision"
+
+
+def test_the_teachers_evaluation_outputs_are_reused_until_its_weights_change(ctx):
+    """The teacher's outputs on the fixed evaluation grid are computed once per context and grid: the same kd loss
+    as a context without them, no teacher forward the second time, and a fresh forward once its weights move."""
+    import copy
+
+    teacher = copy.deepcopy(ctx.teacher)
+    c = replace(ctx, teacher=teacher, teacher_outputs={})
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    model = c.build(UNetArch.from_dict(PRUNED))
+    first = evaluate(model, c, teacher=teacher)
+    n_first = len(calls)
+    again = evaluate(model, c, teacher=teacher)
+    assert n_first == c.eval_timesteps and len(calls) == n_first  # none the second time
+    assert again == first == evaluate(model, replace(c, teacher_outputs={}), teacher=teacher)
+    other_grid = evaluate(model, replace(c, eval_items=16), teacher=teacher)  # another grid: its own outputs
+    assert len(calls) == 3 * n_first and other_grid["kd_loss"] != first["kd_loss"]
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.01)
+    moved = evaluate(model, c, teacher=teacher)
+    assert len(calls) == 4 * n_first and moved["kd_loss"] != first["kd_loss"]
+    assert moved["task_loss"] == first["task_loss"]
