@@ -21,8 +21,8 @@ Every run is cached in a work folder as it finishes, so a cut-off run keeps its 
 through every job (design archs, test archs, repeats, 5x runs), each claimed under a lock, so several
 single-threaded processes on one work folder share the list; ``--part main``/``design``/``long`` run parts
 alone; ``--part validity`` runs the ground truth's validity study alone (design archs at 1x and 5x, repeats of
-both, optionally ``--mid-steps``) and ``--part validity-report`` writes it to
-``proxy_gt_validity_BENCHMARK_seedN.json``;
+both, optionally ``--mid-steps``; ``--spread N`` adds N archs picked over the range of quality, see
+:func:`spread_archs`) and ``--part validity-report`` writes it to ``proxy_gt_validity_BENCHMARK_seedN.json``;
 ``--new-modules identity`` starts what the teacher lacks as the identity in every run (ground truth and
 proxies, work folder ``..._identity``); ``--part report`` analyses whatever is finished. ``--tests table``:
 the test archs are every arch of the 64-arch digits sub-space of :func:`table_space` (the search-quality
@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 from proxy_validity import LR
-from proxy_validity_report import short_cosine_runs
+from proxy_validity_report import SPREAD_SIGNAL, pick_spread, short_cosine_runs, spread_pool
 
 from proxies.benchmark import BENCHMARKS, get_benchmark
 from proxies.quality import QualityContext
@@ -228,7 +228,7 @@ def run_validity(args) -> None:
     and at ``--long-factor`` x, then the first ``--long-repeat`` 5x runs and the first ``--repeat`` ground
     truths again under another data-order seed, then every design arch at ``--mid-steps`` (does a longer ground
     truth move towards the 5x order?). Jobs are claimed, so several processes share the list."""
-    ctx, _, anchors, _ = setup(args)
+    ctx, space, anchors, _ = setup(args)
     long_steps = args.gt_steps * args.long_factor
     jobs = [(f"validity-gt-{i}", a, args.gt_steps, args.seed) for i, a in enumerate(anchors)]
     jobs += [(f"validity-long-{i}", a, long_steps, args.seed) for i, a in enumerate(anchors)]
@@ -236,11 +236,41 @@ def run_validity(args) -> None:
              for i, a in enumerate(anchors[: args.long_repeat])]
     jobs += [(f"validity-repeat-{i}", a, args.gt_steps, args.seed + 1000) for i, a in enumerate(anchors[: args.repeat])]
     jobs += [(f"validity-mid-{i}", a, args.mid_steps, args.seed) for i, a in enumerate(anchors) if args.mid_steps]
+    run_jobs(args, ctx, jobs)
+    if args.spread:
+        spread = spread_archs(args, ctx, space, anchors)
+        run_jobs(args, ctx, [(f"validity-spread-gt-{i}", a, args.gt_steps, args.seed) for i, a in enumerate(spread)]
+                 + [(f"validity-spread-long-{i}", a, long_steps, args.seed) for i, a in enumerate(spread)])
+
+
+def run_jobs(args, ctx, jobs: list[tuple[str, UNetArch, int, int]]) -> None:
+    """Ground-truth runs (name, arch, steps, data-order seed), each claimed so that several processes share them."""
     for name, arch, steps, seed in jobs:
         with claim(args, name) as mine:
             if mine:
                 g = gt(args, ctx, arch, steps, seed)
                 print(f"{name}: {g['task_loss']:.4f} ({g['seconds']:.0f}s)", flush=True)
+
+
+def spread_archs(args, ctx, space, anchors) -> list[UNetArch]:
+    """``--spread`` more validity archs, spread over the range of quality: from ``--spread-pool`` random archs that
+    are not design archs, those at evenly spaced ranks of ``distill_task@20`` (each pool arch's cheap features,
+    cached like every other run; several processes share the pool by claims and wait for each other's).
+
+    Why by quality: the design archs are spread over the arch encoding and already span the space's parameter
+    range (shapes: 137k-514k parameters of 119k-565k), yet end within 6-20% of each other in held-out loss; a
+    validity test "on archs spread over the range" needs archs chosen by how good they are, and
+    ``distill_task@20`` is the cheapest signal that ranks the trained order well above chance on every run."""
+    pool = spread_pool(space, anchors, args.spread_pool, args.seed)
+    for i, a in enumerate(pool):
+        with claim(args, f"spread-pool-{i}") as mine:
+            if mine:
+                features(args, ctx, a)
+    paths = [args.work / f"feat-{arch_key(a)}.json" for a in pool]
+    while not all(p.is_file() for p in paths):  # another process is still computing its share
+        time.sleep(5)
+    signal = [json.loads(p.read_text())["curve"][SPREAD_SIGNAL] for p in paths]
+    return [pool[i] for i in pick_spread(signal, args.spread)]
 
 
 def run_long(args) -> None:
@@ -272,6 +302,9 @@ if __name__ == "__main__":
                         help="repeat the 5x runs of the first N design archs (another data-order seed)")
     parser.add_argument("--mid-steps", type=int, default=0,
                         help="validity: also every design arch's ground truth at this many steps (0: none)")
+    parser.add_argument("--spread", type=int, default=0,
+                        help="validity: N more archs picked by distill_task@20 over a random pool (0: none)")
+    parser.add_argument("--spread-pool", type=int, default=24, help="validity: the pool --spread picks from")
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--feature-eval-items", type=int, default=64)
     parser.add_argument("--indices", type=int, nargs="*", help="long, design: only these design archs, in order")
