@@ -403,6 +403,13 @@ def spread_validity(args, gfile, val: list, space, anchors: list, sigma_gt: floa
         noise = validity_noise([(g["task_loss"], lg["task_loss"]) for _, g, lg in both], long_reps, sigma_gt)
         out.update({k.replace("ground_truth_validity_", ""): v for k, v in noise.items()
                     if not k.startswith("ground_truth_validity_long_repeat")})
+    feats = [_read(args.work / f"feat-{arch_key(a)}.json") for a, _, _ in both]
+    if all(feats):  # how the cheap signals rank the 16 at both lengths (the spread archs were picked by one)
+        long_losses, gt_losses = [lg["task_loss"] for *_, lg in both], [g["task_loss"] for _, g, _ in both]
+        signals = {"params": [-f["params"] for f in feats], "macs": [-f["macs"] for f in feats],
+                   **{f"distill_task@{k}": [f["curve"][str(k)] for f in feats] for k in (0, 5, 10, 20)}}
+        out["signals"] = {name: {"tau_vs_long": tau(v, long_losses), "tau_vs_ground_truth": tau(v, gt_losses)}
+                          for name, v in signals.items()}
     out["archs"] = [{"arch_key": arch_key(a), "pool_signal": signal[pool.index(a)], "gt": g["task_loss"],
                      "long": lg["task_loss"], "gt_seconds": g["seconds"], "long_seconds": lg["seconds"]}
                     for a, g, lg in extra]
