@@ -27,7 +27,9 @@ both, optionally ``--mid-steps``; ``--spread N`` adds N archs picked over the ra
 proxies, work folder ``..._identity``); ``--part report`` analyses whatever is finished. ``--tests table``:
 the test archs are every arch of the 64-arch digits sub-space of :func:`table_space` (the search-quality
 study's table) instead of ``--archs`` random ones; each test and design arch also gets the short cosine runs of
-``short_cosine_runs`` (4% and 8% of ``--gt-steps``).
+``short_cosine_runs`` (4% and 8% of ``--gt-steps``). ``--device cuda`` trains every run on a GPU: the 5x test of
+a 1,000-step ground truth (5,000-step runs) is hours of one CPU core per arch; the GPU trains its own teacher in
+its own work folder (``..._cuda``), and several processes share one GPU as they share the CPU.
 
     python benchmarks/proxy_validity_cosine.py --part all & python benchmarks/proxy_validity_cosine.py --part all
     python benchmarks/proxy_validity_cosine.py --part report
@@ -96,16 +98,18 @@ def setup(args) -> tuple[QualityContext, SearchSpace, list[UNetArch], list[UNetA
     (``--archs`` random ones, or with ``--tests table`` every arch of :func:`table_space`)."""
     bench = get_benchmark(args.benchmark, seed=0)
     data = bench.data
-    ctx = QualityContext(data=data, seed=args.seed, batch_size=64, eval_items=128)
+    ctx = QualityContext(data=data, seed=args.seed, batch_size=64, eval_items=128, device=args.device)
     saved = args.work / "teacher"
-    if (saved / "config.json").is_file():
-        teacher = load_unet(saved)
-    else:
-        print(f"training the teacher ({args.teacher_steps} steps)...", flush=True)
-        teacher = ctx.build(get_arch(bench.teacher), seed=args.seed)
-        train(teacher, ctx, args.teacher_steps, lr=LR, seed=args.seed)
-        save_pretrained(teacher, saved)
-    ctx.teacher = teacher.eval()
+    args.work.mkdir(parents=True, exist_ok=True)
+    with open(args.work / "teacher.lock", "a") as lock:  # one process trains it, the others wait and load it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (saved / "config.json").is_file():  # every process then loads the saved one: the same teacher
+            print(f"training the teacher ({args.teacher_steps} steps)...", flush=True)
+            teacher = ctx.build(get_arch(bench.teacher), seed=args.seed)
+            train(teacher, ctx, args.teacher_steps, lr=LR, seed=args.seed)
+            save_pretrained(teacher, saved)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    ctx.teacher = load_unet(saved).to(args.device).eval()
     ctx.new_modules = args.new_modules
     ctx.batch_size = args.batch  # the teacher as in proxy_validity.py; students train on batches of --batch
     space = SearchSpace.from_yaml(bench.space)
@@ -312,6 +316,8 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=32, help="batch size of every student run (GT and proxies)")
     parser.add_argument("--new-modules", choices=("fresh", "identity"), default="fresh",
                         help="how inheritance starts the modules the teacher lacks (every run: GT and proxies)")
+    parser.add_argument("--device", default="cpu",
+                        help="where every run trains (cuda: a GPU trains its own teacher, in its own work folder)")
     parser.add_argument("--work", type=Path, default=None,
                         help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN, suffixed by the "
                              "options that differ from their defaults)")
@@ -319,6 +325,7 @@ if __name__ == "__main__":
     init = "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     init += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"
     init += "" if args.teacher_steps == 400 else f"_teacher{args.teacher_steps}"
+    init += "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"  # another device trains another teacher
     args.work = args.work or Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}{init}"
     args.archs = 0 if args.tests == "table" else args.archs
     torch.set_num_threads(1)
