@@ -49,7 +49,8 @@ from pathlib import Path
 
 import torch
 from proxy_validity import LR
-from proxy_validity_report import SPREAD_SIGNAL, pick_spread, short_cosine_runs, spread_pool
+from proxy_validity_report import short_cosine_runs
+from proxy_validity_spread import SPREAD_SIGNAL, pick_spread, spread_pool
 
 from proxies.benchmark import BENCHMARKS, get_benchmark
 from proxies.quality import QualityContext

@@ -27,30 +27,6 @@ def short_cosine_runs(gt_steps: int = 200) -> tuple[tuple[int, float], ...]:
     short, long = max(1, gt_steps // 25), max(1, 2 * gt_steps // 25)
     return ((short, 2e-3), (long, 1e-3), (long, 2e-3))
 
-SPREAD_SIGNAL = "20"  # the cheap features' checkpoint that picks the --spread archs: distill_task@20
-
-
-def spread_pool(space, anchors: list, size: int, seed: int) -> list:
-    """``size`` distinct random archs of the space that are not design archs: the candidates of ``--spread``."""
-    import random
-
-    rng, pool, tries = random.Random(seed + 500), [], 0
-    while len(pool) < size and tries < 100 * size:
-        tries += 1
-        a = space.sample(rng)
-        if a not in anchors and a not in pool:
-            pool.append(a)
-    return pool
-
-
-def pick_spread(signal: list[float], n: int) -> list[int]:
-    """Indices of ``n`` pool archs at evenly spaced ranks of ``signal`` (lowest and highest included): archs spread
-    over the range of quality rather than over the arch encoding, which the design archs already cover."""
-    order = sorted(range(len(signal)), key=lambda i: signal[i])
-    if n >= len(order):
-        return order
-    return [order[round(k * (len(order) - 1) / max(1, n - 1))] for k in range(n)]
-
 SHORT_SETS = {"short+macs": ("loss@K", "macs"), "short+loss@0+macs": ("loss@0", "loss@K", "macs")}
 
 
@@ -349,6 +325,8 @@ def validity_report(args, setup, group) -> None:
     out["validity"] = [{"arch_key": arch_key(a), "group": group(a), "gt": g["task_loss"], "long": lg["task_loss"],
                         "mid": mids.get(arch_key(a)), "gt_seconds": g["seconds"], "long_seconds": lg["seconds"]}
                        for a, g, lg in val]
+    from proxy_validity_spread import spread_validity  # it builds on this module's figures
+
     spread = spread_validity(args, gfile, val, space, anchors, out.get("ground_truth_repeat_sigma_log"), long_reps)
     if spread:
         out["ground_truth_validity_spread"] = spread
@@ -371,49 +349,6 @@ def validity_report(args, setup, group) -> None:
                 "ground_truth_validity_long_repeat_sigma_log", "ground_truth_tau_ceiling", "ground_truth_lengthened"):
         print(f"{key}: {out.get(key)}")
     print(f"wrote {write_result(result_name(args, 'proxy_gt_validity', args.benchmark != 'digits'), out)}")
-
-
-def spread_validity(args, gfile, val: list, space, anchors: list, sigma_gt: float | None,
-                    long_reps: list) -> dict | None:
-    """The validity test on the design archs plus the ``--spread`` archs (picked over the range of quality by
-    :func:`pick_spread`), and on the spread archs alone; None until every pool arch has its cheap features."""
-    if not getattr(args, "spread", 0):
-        return None
-    pool = spread_pool(space, anchors, args.spread_pool, args.seed)
-    feats = [_read(args.work / f"feat-{arch_key(a)}.json") for a in pool]
-    if not all(feats):
-        return None
-    signal = [f["curve"][SPREAD_SIGNAL] for f in feats]
-    chosen = [pool[i] for i in pick_spread(signal, args.spread)]
-    extra = [(a, gfile(a, args.gt_steps, args.seed), gfile(a, args.gt_steps * args.long_factor, args.seed))
-             for a in chosen]
-    extra = [(a, g, lg) for a, g, lg in extra if g and lg]
-    both = val + extra
-    out: dict = {"selection": f"{args.spread} of {len(pool)} random non-design archs at evenly spaced ranks of "
-                              f"distill_task@{SPREAD_SIGNAL}", "n_spread": len(extra), "n_all": len(both),
-                 "tau_all": tau([g["task_loss"] for _, g, _ in both], [lg["task_loss"] for _, _, lg in both])
-                 if len(both) > 2 else None,
-                 "tau_spread_only": tau([g["task_loss"] for _, g, _ in extra], [lg["task_loss"] for _, _, lg in extra])
-                 if len(extra) > 2 else None,
-                 "gt_range_all": [min(g["task_loss"] for _, g, _ in both), max(g["task_loss"] for _, g, _ in both)],
-                 "long_range_all": [min(lg["task_loss"] for *_, lg in both), max(lg["task_loss"] for *_, lg in both)],
-                 "gt_range_design": [min(g["task_loss"] for _, g, _ in val), max(g["task_loss"] for _, g, _ in val)]
-                 if val else None}
-    if long_reps and len(both) > 2:
-        noise = validity_noise([(g["task_loss"], lg["task_loss"]) for _, g, lg in both], long_reps, sigma_gt)
-        out.update({k.replace("ground_truth_validity_", ""): v for k, v in noise.items()
-                    if not k.startswith("ground_truth_validity_long_repeat")})
-    feats = [_read(args.work / f"feat-{arch_key(a)}.json") for a, _, _ in both]
-    if all(feats):  # how the cheap signals rank the 16 at both lengths (the spread archs were picked by one)
-        long_losses, gt_losses = [lg["task_loss"] for *_, lg in both], [g["task_loss"] for _, g, _ in both]
-        signals = {"params": [-f["params"] for f in feats], "macs": [-f["macs"] for f in feats],
-                   **{f"distill_task@{k}": [f["curve"][str(k)] for f in feats] for k in (0, 5, 10, 20)}}
-        out["signals"] = {name: {"tau_vs_long": tau(v, long_losses), "tau_vs_ground_truth": tau(v, gt_losses)}
-                          for name, v in signals.items()}
-    out["archs"] = [{"arch_key": arch_key(a), "pool_signal": signal[pool.index(a)], "gt": g["task_loss"],
-                     "long": lg["task_loss"], "gt_seconds": g["seconds"], "long_seconds": lg["seconds"]}
-                    for a, g, lg in extra]
-    return out
 
 
 def ranking_by_length(work: Path, anchors: list, seed: int) -> dict:
