@@ -126,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --proxies: unknown {', '.join(unknown)} (known: {', '.join(PROXY_NAMES)})", file=sys.stderr)
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    if device == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     autocast = (lambda: torch.autocast(device.split(":")[0], dtype=dtype)) if args.dtype != "fp32" \
         else contextlib.nullcontext
     torch.backends.cuda.matmul.allow_tf32 = True
