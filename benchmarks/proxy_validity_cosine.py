@@ -22,7 +22,8 @@ through every job (design archs, test archs, repeats, 5x runs), each claimed und
 single-threaded processes on one work folder share the list; ``--part main``/``design``/``long`` run parts
 alone; ``--part validity`` runs the ground truth's validity study alone (design archs at 1x and 5x, repeats of
 both, optionally ``--mid-steps``; ``--spread N`` adds N archs picked over the range of quality, see
-:func:`spread_archs`) and ``--part validity-report`` writes it to ``proxy_gt_validity_BENCHMARK_seedN.json``;
+:func:`spread_archs`), ``--part signals`` every validity arch's cheap signals, and ``--part validity-report``
+writes it to ``proxy_gt_validity_BENCHMARK_seedN.json``;
 ``--new-modules identity`` starts what the teacher lacks as the identity in every run (ground truth and
 proxies, work folder ``..._identity``); ``--part report`` analyses whatever is finished. ``--tests table``:
 the test archs are every arch of the 64-arch digits sub-space of :func:`table_space` (the search-quality
@@ -248,6 +249,21 @@ def run_validity(args) -> None:
                  + [(f"validity-spread-long-{i}", a, long_steps, args.seed) for i, a in enumerate(spread)])
 
 
+def run_signals(args) -> None:
+    """Every validity arch's cheap signals (features and the short cosine runs of this ``--gt-steps``): the design
+    archs, then the ``--spread`` archs, each claimed so that several processes share them. With them the
+    validity report ranks every signal against the ground truth and the 5x runs on all the validity archs."""
+    ctx, space, anchors, _ = setup(args)
+    archs = list(anchors) + (spread_archs(args, ctx, space, anchors) if args.spread else [])
+    for i, a in enumerate(archs):
+        with claim(args, f"signals-{args.gt_steps}-{i}") as mine:
+            if mine:
+                t = time.perf_counter()
+                features(args, ctx, a)
+                short_cosine(args, ctx, a)
+                print(f"signals {i}: {time.perf_counter() - t:.0f}s", flush=True)
+
+
 def run_jobs(args, ctx, jobs: list[tuple[str, UNetArch, int, int]]) -> None:
     """Ground-truth runs (name, arch, steps, data-order seed), each claimed so that several processes share them."""
     for name, arch, steps, seed in jobs:
@@ -291,7 +307,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", required=True,
-                        choices=("all", "main", "design", "long", "validity", "validity-report", "report"),
+                        choices=("all", "main", "design", "long", "validity", "signals", "validity-report", "report"),
                         help="all: every job, shareable by several processes on one work folder")
     parser.add_argument("--tests", choices=("random", "table"), default="random",
                         help="test archs: --archs random ones, or all 64 of the digits table sub-space")
@@ -331,6 +347,7 @@ if __name__ == "__main__":
     args.archs = 0 if args.tests == "table" else args.archs
     torch.set_num_threads(1)
     parts = {"all": run_all, "main": run_main, "design": run_design, "long": run_long, "validity": run_validity,
+             "signals": run_signals,
              "validity-report": lambda a: validity_report(a, setup, group),
              "report": lambda a: report(a, setup, gt, features, group)}
     parts[args.part](args)

@@ -305,7 +305,7 @@ def validity_report(args, setup, group) -> None:
                  "ground_truth_validity_tau": tau([g["task_loss"] for _, g, _ in val],
                                                   [lg["task_loss"] for _, _, lg in val]) if len(val) > 2 else None}
     reps = repeat_pairs(gfile, anchors, args.gt_steps, args.seed)
-    if len(reps) > 2:
+    if len(reps) > 2 and len(val) > 2:  # a report of a study still running has few validity archs yet
         out.update(noise_figures([x for x, _ in reps], [y for _, y in reps], [g["task_loss"] for _, g, _ in val]))
     long_reps = repeat_pairs(gfile, anchors, long_steps, args.seed)
     if long_reps and len(val) > 2:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 
-from proxy_validity_report import _read, tau, validity_noise
+import numpy as np
+from proxy_validity_report import _read, feature_cost, short_cosine_runs, tau, validity_noise
 
 from proxies.quality.surrogate import arch_key
 
@@ -67,8 +68,18 @@ def spread_validity(args, gfile, val: list, space, anchors: list, sigma_gt: floa
         long_losses, gt_losses = [lg["task_loss"] for *_, lg in both], [g["task_loss"] for _, g, _ in both]
         signals = {"params": [-f["params"] for f in feats], "macs": [-f["macs"] for f in feats],
                    **{f"distill_task@{k}": [f["curve"][str(k)] for f in feats] for k in (0, 5, 10, 20)}}
-        out["signals"] = {name: {"tau_vs_long": tau(v, long_losses), "tau_vs_ground_truth": tau(v, gt_losses)}
+        costs = {f"distill_task@{k}": float(np.median([feature_cost(f, k) for f in feats])) for k in (0, 5, 10, 20)}
+        for k, lr in short_cosine_runs(args.gt_steps):  # the ground-truth protocol shrunk, once --part signals ran
+            runs = [_read(args.work / f"cos-{arch_key(a)}-{k}-{lr:g}.json") for a, _, _ in both]
+            if all(runs):
+                signals[f"cosine@{k}/lr{lr:g}"] = [r["task_loss"] for r in runs]
+                costs[f"cosine@{k}/lr{lr:g}"] = float(np.median([r["seconds"] for r in runs]))
+        gt_seconds = float(np.median([g["seconds"] for _, g, _ in both]))
+        out["signals"] = {name: {"tau_vs_long": tau(v, long_losses), "tau_vs_ground_truth": tau(v, gt_losses),
+                                 "cost_fraction_of_ground_truth": costs.get(name, 0.0) / gt_seconds}
                           for name, v in signals.items()}
+        out["signals_cost_note"] = ("each run's own clock, as its run found the machine; the fractions are of the "
+                                    "median ground-truth run of these archs and indicative only")
     out["archs"] = [{"arch_key": arch_key(a), "pool_signal": signal[pool.index(a)], "gt": g["task_loss"],
                      "long": lg["task_loss"], "gt_seconds": g["seconds"], "long_seconds": lg["seconds"]}
                     for a, g, lg in extra]
