@@ -330,6 +330,13 @@ def validity_report(args, setup, group) -> None:
     spread = spread_validity(args, gfile, val, space, anchors, out.get("ground_truth_repeat_sigma_log"), long_reps)
     if spread:
         out["ground_truth_validity_spread"] = spread
+    if getattr(args, "spread", 0):
+        from proxy_validity_spread import signals_by_length
+
+        out["signals_by_length_spread"] = by_length = signals_by_length(args, space, anchors)
+        for name, v in (by_length or {}).get("signals", {}).items():
+            cells = "  ".join(f"{s}: {t:5.2f}" for s, t in v["tau"].items())
+            print(f"{name:28s} cost {v['cost_fraction_of_ground_truth']:6.1%}  tau vs  {cells}")
     out["ground_truth_repeat_pairs"] = reps
     out["ground_truth_validity_long_repeat_pairs"] = long_reps
     out["ranking_by_training_length"] = lengths = ranking_by_length(args.work, anchors, args.seed)

@@ -49,6 +49,8 @@ def spread_validity(args, gfile, val: list, space, anchors: list, sigma_gt: floa
              for a in chosen]
     extra = [(a, g, lg) for a, g, lg in extra if g and lg]
     both = val + extra
+    if len(both) < 2:  # the 5x runs are still running
+        return {"n_spread": len(extra), "n_all": len(both)}
     out: dict = {"selection": f"{args.spread} of {len(pool)} random non-design archs at evenly spaced ranks of "
                               f"distill_task@{SPREAD_SIGNAL}", "n_spread": len(extra), "n_all": len(both),
                  "tau_all": tau([g["task_loss"] for _, g, _ in both], [lg["task_loss"] for _, _, lg in both])
@@ -83,4 +85,56 @@ def spread_validity(args, gfile, val: list, space, anchors: list, sigma_gt: floa
     out["archs"] = [{"arch_key": arch_key(a), "pool_signal": signal[pool.index(a)], "gt": g["task_loss"],
                      "long": lg["task_loss"], "gt_seconds": g["seconds"], "long_seconds": lg["seconds"]}
                     for a, g, lg in extra]
+    return out
+
+
+def spread_archs_chosen(args, space, anchors: list) -> list | None:
+    """The design archs and the ``--spread`` archs, as :func:`spread_validity` picks them; None until every pool arch
+    has its cheap features."""
+    pool = spread_pool(space, anchors, args.spread_pool, args.seed)
+    feats = [_read(args.work / f"feat-{arch_key(a)}.json") for a in pool]
+    if not all(feats):
+        return None
+    return list(anchors) + [pool[i] for i in pick_spread([f["curve"][SPREAD_SIGNAL] for f in feats], args.spread)]
+
+
+def signals_by_length(args, space, anchors: list) -> dict | None:
+    """Kendall tau of every cheap signal and of every shorter ground truth against the ranking of the design plus
+    spread archs at each training length all of them were run at (the ground truth's own length included): what
+    a proxy could reach if the ground truth were that long. Costs are fractions of the median ``--gt-steps`` run
+    of these archs (each run's own clock: indicative only). None until the archs' signals exist (``--part
+    signals``)."""
+    archs = spread_archs_chosen(args, space, anchors) if getattr(args, "spread", 0) else None
+    if not archs:
+        return None
+    keys = [arch_key(a) for a in archs]
+    runs: dict[int, list[float]] = {}
+    seconds: dict[int, float] = {}
+    for path in args.work.glob(f"gt-{keys[0]}-*-{args.seed}.json"):
+        steps = int(path.stem.rsplit("-", 2)[1])
+        found = [_read(args.work / f"gt-{k}-{steps}-{args.seed}.json") for k in keys]
+        if all(found):
+            runs[steps] = [g["task_loss"] for g in found]
+            seconds[steps] = float(np.median([g["seconds"] for g in found]))
+    feats = [_read(args.work / f"feat-{k}.json") for k in keys]
+    if args.gt_steps not in runs or not all(feats):
+        return None
+    signals = {"params": ([-f["params"] for f in feats], 0.0), "macs": ([-f["macs"] for f in feats], 0.0)}
+    for k in (0, 5, 10, 20):
+        signals[f"distill_task@{k}"] = ([f["curve"][str(k)] for f in feats],
+                                        float(np.median([feature_cost(f, k) for f in feats])))
+    for k, lr in short_cosine_runs(args.gt_steps):
+        found = [_read(args.work / f"cos-{key}-{k}-{lr:g}.json") for key in keys]
+        if all(found):
+            signals[f"cosine@{k}/lr{lr:g}"] = ([r["task_loss"] for r in found],
+                                               float(np.median([r["seconds"] for r in found])))
+    lengths = sorted(runs)
+    out = {"n": len(archs), "lengths": lengths, "cost_unit": f"median {args.gt_steps}-step run of these archs",
+           "signals": {}}
+    for name, (scores, sec) in signals.items():
+        out["signals"][name] = {"cost_fraction_of_ground_truth": sec / seconds[args.gt_steps],
+                                "tau": {str(s): tau(scores, runs[s]) for s in lengths}}
+    for a in lengths:
+        out["signals"][f"ground_truth@{a}"] = {"cost_fraction_of_ground_truth": seconds[a] / seconds[args.gt_steps],
+                                               "tau": {str(b): tau(runs[a], runs[b]) for b in lengths if b != a}}
     return out
