@@ -156,9 +156,16 @@ def report(args, setup, gt, features, group) -> None:
     if len(reps) > 2 and len(every_gt) > 1:
         out.update(noise_figures([x for x, _ in reps], [y for _, y in reps], every_gt))
     long_reps = repeat_pairs(gfile, anchors, long_steps, args.seed)
+    noise_steps = long_steps
+    if len(long_reps) < 2:  # the 5x runs not repeated: the longest shorter length that was, as a stated stand-in
+        for steps in sorted(ranking_by_length(args.work, anchors, args.seed)["steps"], reverse=True):
+            if args.gt_steps < steps < long_steps and len(repeat_pairs(gfile, anchors, steps, args.seed)) >= 2:
+                long_reps, noise_steps = repeat_pairs(gfile, anchors, steps, args.seed), steps
+                break
     if long_reps and len(val) > 2:
         out.update(validity_noise([(g["task_loss"], lg["task_loss"]) for _, g, lg in val], long_reps,
                                   out.get("ground_truth_repeat_sigma_log")))
+        out["ground_truth_validity_long_noise_from_steps"] = noise_steps  # != long steps: a stand-in, said so
 
     # 3. proxies: on the test archs (surrogates fitted on design archs), and leave-one-out over the design archs
     out["n_archs"] = len(rows)
@@ -308,9 +315,16 @@ def validity_report(args, setup, group) -> None:
     if len(reps) > 2 and len(val) > 2:  # a report of a study still running has few validity archs yet
         out.update(noise_figures([x for x, _ in reps], [y for _, y in reps], [g["task_loss"] for _, g, _ in val]))
     long_reps = repeat_pairs(gfile, anchors, long_steps, args.seed)
+    noise_steps = long_steps
+    if len(long_reps) < 2:  # the 5x runs not repeated: the longest shorter length that was, as a stated stand-in
+        for steps in sorted(ranking_by_length(args.work, anchors, args.seed)["steps"], reverse=True):
+            if args.gt_steps < steps < long_steps and len(repeat_pairs(gfile, anchors, steps, args.seed)) >= 2:
+                long_reps, noise_steps = repeat_pairs(gfile, anchors, steps, args.seed), steps
+                break
     if long_reps and len(val) > 2:
         out.update(validity_noise([(g["task_loss"], lg["task_loss"]) for _, g, lg in val], long_reps,
                                   out.get("ground_truth_repeat_sigma_log")))
+        out["ground_truth_validity_long_noise_from_steps"] = noise_steps  # != long steps: a stand-in, said so
     mid = [(a, g, lg, gfile(a, args.mid_steps, args.seed)) for a, g, lg in val] if args.mid_steps else []
     mid = [(a, g, lg, m) for a, g, lg, m in mid if m]
     if len(mid) > 2:
