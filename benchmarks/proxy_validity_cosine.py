@@ -29,8 +29,8 @@ proxies, work folder ``..._identity``); ``--part report`` analyses whatever is f
 the test archs are every arch of the 64-arch digits sub-space of :func:`table_space` (the search-quality
 study's table) instead of ``--archs`` random ones; each test and design arch also gets the short cosine runs of
 ``short_cosine_runs`` (4% and 8% of ``--gt-steps``). ``--device cuda`` trains every run on a GPU: the 5x test of
-a 1,000-step ground truth (5,000-step runs) takes 12-35 minutes of one CPU core per arch; the GPU trains its own teacher in
-its own work folder (``..._cuda``), and several processes share one GPU as they share the CPU.
+a 1,000-step ground truth (5,000-step runs) takes 12-35 minutes of one CPU core per arch; the GPU trains its own
+teacher in its own work folder (``..._cuda``), and several processes share one GPU as they share the CPU.
 
     python benchmarks/proxy_validity_cosine.py --part all & python benchmarks/proxy_validity_cosine.py --part all
     python benchmarks/proxy_validity_cosine.py --part report
