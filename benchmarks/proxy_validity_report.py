@@ -99,6 +99,22 @@ def repeat_pairs(gfile, anchors, steps: int, seed: int) -> list[tuple[float, flo
     return [(x["task_loss"], y["task_loss"]) for x, y in pairs if x and y]
 
 
+def long_noise_pairs(args, gfile, anchors: list) -> tuple[list[tuple[float, float]], int]:
+    """The 5x runs' repeat pairs and their length; where the 5x runs were not repeated, those of the longest
+    shorter length that was (a stand-in the report names: noise shrinks with length, so it overstates the 5x
+    runs' noise and understates what the test can resolve)."""
+    from proxy_validity_lengths import ranking_by_length
+
+    long_steps = args.gt_steps * args.long_factor
+    pairs = repeat_pairs(gfile, anchors, long_steps, args.seed)
+    if len(pairs) >= 2:
+        return pairs, long_steps
+    for steps in sorted(ranking_by_length(args.work, anchors, args.seed)["steps"], reverse=True):
+        if args.gt_steps < steps < long_steps and len(repeat_pairs(gfile, anchors, steps, args.seed)) >= 2:
+            return repeat_pairs(gfile, anchors, steps, args.seed), steps
+    return pairs, long_steps
+
+
 def validity_pairs(gfile, anchors, args) -> list[tuple]:
     """(arch, ground truth, 5x run) of every anchor with both runs finished."""
     val = [(a, gfile(a, args.gt_steps, args.seed), gfile(a, args.gt_steps * args.long_factor, args.seed))
@@ -155,13 +171,7 @@ def report(args, setup, gt, features, group) -> None:
     every_gt = [g["task_loss"] for g in (gfile(a, args.gt_steps, args.seed) for a in distinct) if g]
     if len(reps) > 2 and len(every_gt) > 1:
         out.update(noise_figures([x for x, _ in reps], [y for _, y in reps], every_gt))
-    long_reps = repeat_pairs(gfile, anchors, long_steps, args.seed)
-    noise_steps = long_steps
-    if len(long_reps) < 2:  # the 5x runs not repeated: the longest shorter length that was, as a stated stand-in
-        for steps in sorted(ranking_by_length(args.work, anchors, args.seed)["steps"], reverse=True):
-            if args.gt_steps < steps < long_steps and len(repeat_pairs(gfile, anchors, steps, args.seed)) >= 2:
-                long_reps, noise_steps = repeat_pairs(gfile, anchors, steps, args.seed), steps
-                break
+    long_reps, noise_steps = long_noise_pairs(args, gfile, anchors)
     if long_reps and len(val) > 2:
         out.update(validity_noise([(g["task_loss"], lg["task_loss"]) for _, g, lg in val], long_reps,
                                   out.get("ground_truth_repeat_sigma_log")))
@@ -314,13 +324,7 @@ def validity_report(args, setup, group) -> None:
     reps = repeat_pairs(gfile, anchors, args.gt_steps, args.seed)
     if len(reps) > 2 and len(val) > 2:  # a report of a study still running has few validity archs yet
         out.update(noise_figures([x for x, _ in reps], [y for _, y in reps], [g["task_loss"] for _, g, _ in val]))
-    long_reps = repeat_pairs(gfile, anchors, long_steps, args.seed)
-    noise_steps = long_steps
-    if len(long_reps) < 2:  # the 5x runs not repeated: the longest shorter length that was, as a stated stand-in
-        for steps in sorted(ranking_by_length(args.work, anchors, args.seed)["steps"], reverse=True):
-            if args.gt_steps < steps < long_steps and len(repeat_pairs(gfile, anchors, steps, args.seed)) >= 2:
-                long_reps, noise_steps = repeat_pairs(gfile, anchors, steps, args.seed), steps
-                break
+    long_reps, noise_steps = long_noise_pairs(args, gfile, anchors)
     if long_reps and len(val) > 2:
         out.update(validity_noise([(g["task_loss"], lg["task_loss"]) for _, g, lg in val], long_reps,
                                   out.get("ground_truth_repeat_sigma_log")))
@@ -353,6 +357,8 @@ def validity_report(args, setup, group) -> None:
             print(f"{name:28s} cost {v['cost_fraction_of_ground_truth']:6.1%}  tau vs  {cells}")
     out["ground_truth_repeat_pairs"] = reps
     out["ground_truth_validity_long_repeat_pairs"] = long_reps
+    from proxy_validity_lengths import ranking_by_length, ranking_by_length_rows, signals_vs_longest
+
     out["ranking_by_training_length"] = lengths = ranking_by_length(args.work, anchors, args.seed)
     out["signals_vs_longest"] = signals_vs_longest(args, anchors, lengths)
     for row in ranking_by_length_rows(out["ranking_by_training_length"]):
@@ -370,66 +376,6 @@ def validity_report(args, setup, group) -> None:
                 "ground_truth_validity_long_repeat_sigma_log", "ground_truth_tau_ceiling", "ground_truth_lengthened"):
         print(f"{key}: {out.get(key)}")
     print(f"wrote {write_result(result_name(args, 'proxy_gt_validity', args.benchmark != 'digits'), out)}")
-
-
-def ranking_by_length(work: Path, anchors: list, seed: int) -> dict:
-    """Every training length at which all ``anchors`` were run (ground truth, 5x, ``--mid-steps``, earlier runs in
-    the same work folder) and Kendall tau between each two: how far the ranking keeps moving as training grows."""
-    runs: dict[int, list[dict]] = {}
-    for path in work.glob(f"gt-{arch_key(anchors[0])}-*-{seed}.json"):
-        steps = int(path.stem.rsplit("-", 2)[1])
-        found = [_read(work / f"gt-{arch_key(a)}-{steps}-{seed}.json") for a in anchors]
-        if all(found):
-            runs[steps] = found
-    lengths = sorted(runs)
-    losses = {s: [g["task_loss"] for g in runs[s]] for s in lengths}
-    return {"steps": lengths, "losses": {str(s): losses[s] for s in lengths},
-            "seconds": {str(s): float(np.median([g["seconds"] for g in runs[s]])) for s in lengths},
-            "arch_keys": [arch_key(a) for a in anchors],
-            "tau": {f"{a}-{b}": tau(losses[a], losses[b]) for a, b in itertools.combinations(lengths, 2)}}
-
-
-def signals_vs_longest(args, anchors: list, lengths: dict) -> dict | None:
-    """Kendall tau of every cheap signal, and of the ground truth at every shorter length, against the design
-    archs' ranking at the longest length measured: what ranks the most-trained order, whatever the ground truth's
-    length. Costs are fractions of the median ``--gt-steps`` run. None until every design arch has its cheap
-    features and short cosine runs (``--part all`` or ``design`` jobs)."""
-    if len(lengths["steps"]) < 2:
-        return None
-    w = args.work
-    feats = [_read(w / f"feat-{arch_key(a)}.json") for a in anchors]
-    shorts = {f"cosine@{k}/lr{lr:g}": [_read(w / f"cos-{arch_key(a)}-{k}-{lr:g}.json") for a in anchors]
-              for k, lr in short_cosine_runs(args.gt_steps)}
-    if not all(feats) or not all(all(v) for v in shorts.values()):
-        return None
-    longest = lengths["steps"][-1]
-    target = lengths["losses"][str(longest)]
-    if str(args.gt_steps) not in lengths["seconds"]:
-        return None
-    gt_seconds = lengths["seconds"][str(args.gt_steps)]
-    signals = {"params": ([-f["params"] for f in feats], 0.0), "macs": ([-f["macs"] for f in feats], 0.0)}
-    for k in (0, 5, 10, 20):
-        signals[f"distill_task@{k}"] = ([f["curve"][str(k)] for f in feats],
-                                        float(np.median([feature_cost(f, k) for f in feats])))
-    for name, runs in shorts.items():
-        signals[name] = ([r["task_loss"] for r in runs], float(np.median([r["seconds"] for r in runs])))
-    for steps in lengths["steps"][:-1]:
-        signals[f"ground_truth@{steps}"] = (lengths["losses"][str(steps)], lengths["seconds"][str(steps)])
-    return {"longest_steps": longest, "n": len(anchors), "cost_unit": f"median {args.gt_steps}-step ground truth",
-            "cost_note": "each run's own clock; these runs were made at different times and machine loads, so the "
-                         "fractions are indicative only (--part report times proxies and ground truth under one load)",
-            "signals": {name: {"kendall_tau": tau(scores, target), "cost_fraction_of_ground_truth": sec / gt_seconds}
-                        for name, (scores, sec) in signals.items()}}
-
-
-def ranking_by_length_rows(data: dict) -> list[str]:
-    """The tau matrix of :func:`ranking_by_length` as printable rows."""
-    steps = data["steps"]
-    rows = [f"{'steps':>6s}" + "".join(f"{s:>7d}" for s in steps)]
-    for a in steps:
-        cells = [1.0 if a == b else data["tau"].get(f"{min(a, b)}-{max(a, b)}") for b in steps]
-        rows.append(f"{a:>6d}" + "".join(f"{c:7.2f}" for c in cells))
-    return rows
 
 
 def result_name(args, stem: str = "proxy_validity_cosine", seed0: bool = False) -> str:
