@@ -7,7 +7,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-from proxy_validity_report import _read, feature_cost, short_cosine_runs, tau
+from proxy_validity_report import _read, cheap_signals, short_cosine_runs, tau
 
 from proxies.quality.surrogate import arch_key
 
@@ -36,23 +36,14 @@ def signals_vs_longest(args, anchors: list, lengths: dict) -> dict | None:
     features and short cosine runs (``--part all`` or ``design`` jobs)."""
     if len(lengths["steps"]) < 2:
         return None
-    w = args.work
-    feats = [_read(w / f"feat-{arch_key(a)}.json") for a in anchors]
-    shorts = {f"cosine@{k}/lr{lr:g}": [_read(w / f"cos-{arch_key(a)}-{k}-{lr:g}.json") for a in anchors]
-              for k, lr in short_cosine_runs(args.gt_steps)}
-    if not all(feats) or not all(all(v) for v in shorts.values()):
+    signals = cheap_signals(args.work, [arch_key(a) for a in anchors], args.gt_steps)
+    if signals is None or not all(f"cosine@{k}/lr{lr:g}" in signals for k, lr in short_cosine_runs(args.gt_steps)):
+        return None
+    if str(args.gt_steps) not in lengths["seconds"]:
         return None
     longest = lengths["steps"][-1]
     target = lengths["losses"][str(longest)]
-    if str(args.gt_steps) not in lengths["seconds"]:
-        return None
     gt_seconds = lengths["seconds"][str(args.gt_steps)]
-    signals = {"params": ([-f["params"] for f in feats], 0.0), "macs": ([-f["macs"] for f in feats], 0.0)}
-    for k in (0, 5, 10, 20):
-        signals[f"distill_task@{k}"] = ([f["curve"][str(k)] for f in feats],
-                                        float(np.median([feature_cost(f, k) for f in feats])))
-    for name, runs in shorts.items():
-        signals[name] = ([r["task_loss"] for r in runs], float(np.median([r["seconds"] for r in runs])))
     for steps in lengths["steps"][:-1]:
         signals[f"ground_truth@{steps}"] = (lengths["losses"][str(steps)], lengths["seconds"][str(steps)])
     return {"longest_steps": longest, "n": len(anchors), "cost_unit": f"median {args.gt_steps}-step ground truth",

@@ -130,6 +130,25 @@ def feature_cost(f: dict, k: int) -> float:
     return f["clock"][str(k)] - (k // every - 1) * f["eval_seconds"]
 
 
+def cheap_signals(work: Path, keys: list[str], gt_steps: int) -> dict[str, tuple[list[float], float]] | None:
+    """Every cheap signal of the archs ``keys`` in a work folder: name -> (scores, lower is better; median seconds).
+    Params, MACs and ``distill_task@K`` from the features, and each short cosine run of this ground truth's length
+    that every arch has. None until every arch has its features."""
+    feats = [_read(work / f"feat-{k}.json") for k in keys]
+    if not all(feats):
+        return None
+    signals = {"params": ([-f["params"] for f in feats], 0.0), "macs": ([-f["macs"] for f in feats], 0.0)}
+    for k in (0, 5, 10, 20):
+        signals[f"distill_task@{k}"] = ([f["curve"][str(k)] for f in feats],
+                                        float(np.median([feature_cost(f, k) for f in feats])))
+    for k, lr in short_cosine_runs(gt_steps):
+        runs = [_read(work / f"cos-{key}-{k}-{lr:g}.json") for key in keys]
+        if all(runs):
+            signals[f"cosine@{k}/lr{lr:g}"] = ([r["task_loss"] for r in runs],
+                                               float(np.median([r["seconds"] for r in runs])))
+    return signals
+
+
 def report(args, setup, gt, features, group) -> None:
     _, space, anchors, tests = setup(args)
     w = args.work

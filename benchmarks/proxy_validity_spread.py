@@ -6,7 +6,8 @@ from __future__ import annotations
 import random
 
 import numpy as np
-from proxy_validity_report import _read, feature_cost, short_cosine_runs, tau, validity_noise
+from proxy_validity_lengths import ranking_by_length
+from proxy_validity_report import _read, cheap_signals, tau, validity_noise
 
 from proxies.quality.surrogate import arch_key
 
@@ -65,21 +66,13 @@ def spread_validity(args, gfile, val: list, space, anchors: list, sigma_gt: floa
         noise = validity_noise([(g["task_loss"], lg["task_loss"]) for _, g, lg in both], long_reps, sigma_gt)
         out.update({k.replace("ground_truth_validity_", ""): v for k, v in noise.items()
                     if not k.startswith("ground_truth_validity_long_repeat")})
-    feats = [_read(args.work / f"feat-{arch_key(a)}.json") for a, _, _ in both]
-    if all(feats):  # how the cheap signals rank the 16 at both lengths (the spread archs were picked by one)
+    signals = cheap_signals(args.work, [arch_key(a) for a, _, _ in both], args.gt_steps)
+    if signals:  # how the cheap signals rank the 16 at both lengths (the spread archs were picked by one)
         long_losses, gt_losses = [lg["task_loss"] for *_, lg in both], [g["task_loss"] for _, g, _ in both]
-        signals = {"params": [-f["params"] for f in feats], "macs": [-f["macs"] for f in feats],
-                   **{f"distill_task@{k}": [f["curve"][str(k)] for f in feats] for k in (0, 5, 10, 20)}}
-        costs = {f"distill_task@{k}": float(np.median([feature_cost(f, k) for f in feats])) for k in (0, 5, 10, 20)}
-        for k, lr in short_cosine_runs(args.gt_steps):  # the ground-truth protocol shrunk, once --part signals ran
-            runs = [_read(args.work / f"cos-{arch_key(a)}-{k}-{lr:g}.json") for a, _, _ in both]
-            if all(runs):
-                signals[f"cosine@{k}/lr{lr:g}"] = [r["task_loss"] for r in runs]
-                costs[f"cosine@{k}/lr{lr:g}"] = float(np.median([r["seconds"] for r in runs]))
         gt_seconds = float(np.median([g["seconds"] for _, g, _ in both]))
         out["signals"] = {name: {"tau_vs_long": tau(v, long_losses), "tau_vs_ground_truth": tau(v, gt_losses),
-                                 "cost_fraction_of_ground_truth": costs.get(name, 0.0) / gt_seconds}
-                          for name, v in signals.items()}
+                                 "cost_fraction_of_ground_truth": sec / gt_seconds}
+                          for name, (v, sec) in signals.items()}
         out["signals_cost_note"] = ("each run's own clock, as its run found the machine; the fractions are of the "
                                     "median ground-truth run of these archs and indicative only")
     out["archs"] = [{"arch_key": arch_key(a), "pool_signal": signal[pool.index(a)], "gt": g["task_loss"],
@@ -107,27 +100,12 @@ def signals_by_length(args, space, anchors: list) -> dict | None:
     archs = spread_archs_chosen(args, space, anchors) if getattr(args, "spread", 0) else None
     if not archs:
         return None
-    keys = [arch_key(a) for a in archs]
-    runs: dict[int, list[float]] = {}
-    seconds: dict[int, float] = {}
-    for path in args.work.glob(f"gt-{keys[0]}-*-{args.seed}.json"):
-        steps = int(path.stem.rsplit("-", 2)[1])
-        found = [_read(args.work / f"gt-{k}-{steps}-{args.seed}.json") for k in keys]
-        if all(found):
-            runs[steps] = [g["task_loss"] for g in found]
-            seconds[steps] = float(np.median([g["seconds"] for g in found]))
-    feats = [_read(args.work / f"feat-{k}.json") for k in keys]
-    if args.gt_steps not in runs or not all(feats):
+    by_length = ranking_by_length(args.work, archs, args.seed)
+    runs = {s: by_length["losses"][str(s)] for s in by_length["steps"]}
+    seconds = {s: by_length["seconds"][str(s)] for s in by_length["steps"]}
+    signals = cheap_signals(args.work, by_length["arch_keys"], args.gt_steps)
+    if args.gt_steps not in runs or signals is None:
         return None
-    signals = {"params": ([-f["params"] for f in feats], 0.0), "macs": ([-f["macs"] for f in feats], 0.0)}
-    for k in (0, 5, 10, 20):
-        signals[f"distill_task@{k}"] = ([f["curve"][str(k)] for f in feats],
-                                        float(np.median([feature_cost(f, k) for f in feats])))
-    for k, lr in short_cosine_runs(args.gt_steps):
-        found = [_read(args.work / f"cos-{key}-{k}-{lr:g}.json") for key in keys]
-        if all(found):
-            signals[f"cosine@{k}/lr{lr:g}"] = ([r["task_loss"] for r in found],
-                                               float(np.median([r["seconds"] for r in found])))
     lengths = sorted(runs)
     out = {"n": len(archs), "lengths": lengths, "cost_unit": f"median {args.gt_steps}-step run of these archs",
            "signals": {}}
