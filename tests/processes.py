@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -66,3 +67,20 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has exited; its parent (not ours, for daemons) reaps it
+
+
+def kill_when(pid: int, ready: Callable[[], bool]) -> bool:
+    """SIGKILL ``pid`` if ``ready()`` holds while the process is stopped (SIGSTOP); otherwise let it go on
+    (SIGCONT). Returns whether it was killed.
+
+    Reading a state and then killing leaves a window in which the process moves on (a trial read RUNNING is
+    told COMPLETE before the kill lands, and the test sees nothing left to recover). A stopped process writes
+    nothing, so what ``ready`` read is exactly what the kill leaves behind. ``ready`` must not wait on the
+    process (e.g. on a database lock it holds): it should give up quickly and say not ready."""
+    os.kill(pid, signal.SIGSTOP)
+    killed = False
+    try:
+        killed = ready()
+    finally:
+        os.kill(pid, signal.SIGKILL if killed else signal.SIGCONT)
+    return killed

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from nas.cli import app
-from tests.processes import _processes, started_with, stop_started_with
+from tests.processes import _processes, kill_when, started_with, stop_started_with
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "search_spaces" / "spaces" / "digits.yaml"
@@ -251,10 +252,10 @@ def _raylet_of(node_manager_port: int) -> int:
 
 
 def _sqlite_trials(db: Path, name: str) -> list:
-    """The study's trials, or none before the driver has created it."""
+    """The study's trials, or none before the driver has created it (or while it holds the file locked)."""
     try:
         return optuna.load_study(study_name=name, storage=f"sqlite:///{db}").get_trials()
-    except (KeyError, ValueError, RuntimeError):
+    except (KeyError, ValueError, RuntimeError, sqlalchemy.exc.OperationalError):
         return []
 
 
@@ -268,8 +269,11 @@ def test_a_killed_node_and_a_killed_driver_show_in_the_study_and_lose_nothing(cl
                   "--node-manager-port", str(nm_port), "--disable-usage-stats", env=CLUSTER["env"])
     assert victim.returncode == 0, victim.stdout + victim.stderr
     raylet = _raylet_of(nm_port)
+    # trials of seconds (not a zero-cost proxy of a fraction of one), so that the node and the driver are killed
+    # while a trial runs however fast the machine is
     exp = {"data": "digits", "budget": {"trials": 4, "wall_time": 900}, "max_retries": 2,
-           "objectives": [{"name": "quality", "kind": "quality", "proxy": "grad_norm"},
+           "objectives": [{"name": "quality", "kind": "quality", "proxy": "short_train",
+                           "options": {"steps": 40, "eval_every": 0}},
                           {"name": "params", "kind": "params"}]}
     path = _experiment(tmp_path, "faults", cluster, **exp)
     data = yaml.safe_load(path.read_text())
@@ -293,16 +297,19 @@ def test_a_killed_node_and_a_killed_driver_show_in_the_study_and_lose_nothing(cl
                 break
             time.sleep(0.2)
         os.kill(raylet, signal.SIGKILL)
+        def mid_search() -> bool:  # a restart, a finished trial and one evaluating
+            trials = _sqlite_trials(db, "faults")
+            return any(t.user_attrs.get("restarts") for t in trials) and \
+                any(t.state == TrialState.COMPLETE for t in trials) and \
+                any(t.state == TrialState.RUNNING and "arch" in t.user_attrs for t in trials)
+
         while True:  # Ray restarts the trial on another node; then the driver is killed mid-search
             assert driver.poll() is None, log.read_text()
             assert time.monotonic() < deadline, f"no restart, then a running trial, within 300 s:\n{log.read_text()}"
-            trials = _sqlite_trials(db, "faults")
-            if any(t.user_attrs.get("restarts") for t in trials) and \
-                    any(t.state == TrialState.COMPLETE for t in trials) and \
-                    any(t.state == TrialState.RUNNING and "arch" in t.user_attrs for t in trials):
+            # checked again with the driver stopped, so the trial read RUNNING cannot finish before the kill
+            if mid_search() and kill_when(driver.pid, mid_search):
                 break
             time.sleep(0.2)
-        driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
         if driver.poll() is None:

@@ -39,6 +39,7 @@ from typer.testing import CliRunner
 
 from nas.cli import app
 from nas.search.optuna_backend import counted, with_driver
+from tests.processes import kill_when
 
 runner = CliRunner()
 
@@ -63,16 +64,16 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
 
 
-def _sqlite_states(db: Path, study: str) -> dict[int, str]:
+def _sqlite_states(db: Path, study: str, timeout: float = 30) -> dict[int, str]:
     """Trial number -> state, read straight from the SQLite file (read-only; no Optuna, no schema check). A
     running trial that has its arch (all parameters suggested: the proxy is running) reads EVALUATING."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout)
     try:
         rows = con.execute(
             "SELECT t.number, CASE WHEN t.state = 'RUNNING' AND EXISTS (SELECT 1 FROM trial_user_attributes a "
             "WHERE a.trial_id = t.trial_id AND a.key = 'arch') THEN 'EVALUATING' ELSE t.state END "
             "FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = ?", (study,)).fetchall()
-    except sqlite3.OperationalError:  # the worker has not created the tables yet
+    except sqlite3.OperationalError:  # the worker has not created the tables yet, or holds the file locked
         rows = []
     finally:
         con.close()
@@ -93,16 +94,19 @@ def test_kill_9_then_resume_keeps_finished_trials_retries_the_killed_one_and_mee
     out = tmp_path / "first.log"
     with open(out, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    def mid_search(timeout: float) -> bool:  # two finished trials and a third one in the middle of its evaluation
+        states = _sqlite_states(db, "killed", timeout).values()
+        return sum(s == "COMPLETE" for s in states) >= 2 and "EVALUATING" in states
+
     try:
         deadline = time.monotonic() + 150
-        while True:  # wait for two finished trials and a third one in the middle of its evaluation
+        while True:
             assert proc.poll() is None, f"the search ended before it could be killed:\n{out.read_text()}"
             assert time.monotonic() < deadline, "no trial was running after two finished ones within 150 s"
-            states = _sqlite_states(db, "killed") if db.is_file() else {}
-            if sum(s == "COMPLETE" for s in states.values()) >= 2 and "EVALUATING" in states.values():
+            # checked again with the search stopped, so the trial read EVALUATING cannot finish before the kill
+            if db.is_file() and mid_search(30) and kill_when(proc.pid, lambda: mid_search(1)):
                 break
             time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
             proc.kill()
