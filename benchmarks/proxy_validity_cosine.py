@@ -131,7 +131,8 @@ def setup(args) -> tuple[QualityContext, SearchSpace, list[UNetArch], list[UNetA
 def gt(args, ctx, arch, steps, data_seed) -> dict:
     path = args.work / f"gt-{arch_key(arch)}-{steps}-{data_seed}.json"
     return cached(path, lambda: {"arch": arch.to_dict(),
-                                 **full_fidelity(arch, ctx, steps, lr=args.gt_lr, seed=data_seed)})
+                                 **full_fidelity(arch, ctx, steps, lr=args.gt_lr, seed=data_seed,
+                                                 distill=args.gt_loss == "bksdm")})
 
 
 def features(args, ctx, arch) -> dict:
@@ -151,7 +152,7 @@ def short_cosine(args, ctx, arch) -> dict:
     for k, lr in short_cosine_runs(args.gt_steps):
         path = args.work / f"cos-{arch_key(arch)}-{k}-{lr:g}.json"
         out[f"cosine@{k}/lr{lr:g}"] = cached(path, lambda k=k, lr=lr: full_fidelity(
-            arch, ctx, k, lr=lr, seed=args.seed, eval_items=SHORT_EVAL_ITEMS))
+            arch, ctx, k, lr=lr, seed=args.seed, eval_items=SHORT_EVAL_ITEMS, distill=args.gt_loss == "bksdm"))
     return out
 
 
@@ -316,6 +317,9 @@ if __name__ == "__main__":
     parser.add_argument("--archs", type=int, default=24)
     parser.add_argument("--gt-steps", type=int, default=200)
     parser.add_argument("--gt-lr", type=float, default=1e-3, help="peak learning rate of the ground-truth runs")
+    parser.add_argument("--gt-loss", choices=("bksdm", "task"), default="bksdm",
+                        help="the ground truth's (and the short cosine runs') training loss: BK-SDM distillation, or "
+                             "the task loss alone after inheritance")
     parser.add_argument("--long-factor", type=int, default=5)
     parser.add_argument("--validate", type=int, default=10, help="design archs: 5x validation, surrogate anchors")
     parser.add_argument("--repeat", type=int, default=6)
@@ -341,6 +345,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     init = "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     init += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"
+    init += "" if args.gt_loss == "bksdm" else f"_gt{args.gt_loss}"
     init += "" if args.teacher_steps == 400 else f"_teacher{args.teacher_steps}"
     init += "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"  # another device trains another teacher
     args.work = args.work or Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}{init}"

@@ -162,10 +162,11 @@ def report(args, setup, gt, features, group) -> None:
         return {**f, "short": short} if f and all(short.values()) else None
     out: dict = {"benchmark_name": args.benchmark, "n_archs": 0, "seed": args.seed, "gt_steps": args.gt_steps,
                  "gt_init": "inherit", "new_modules": args.new_modules, "batch": args.batch,
-                 "gt_protocol": f"BK-SDM distillation from inherited weights, AdamW lr {args.gt_lr:g}, cosine to "
+                 "gt_protocol": f"{'BK-SDM distillation' if args.gt_loss == 'bksdm' else 'the task loss alone'} "
+                                f"from inherited weights, AdamW lr {args.gt_lr:g}, cosine to "
                                 "zero after 10% linear warm-up, batches of --batch; held-out loss on the whole "
                                 "validation split x 20 timesteps",
-                 "gt_lr": args.gt_lr,
+                 "gt_lr": args.gt_lr, "gt_loss": args.gt_loss,
                  "teacher_steps": args.teacher_steps, "threads": 1, "trials_amortised_over": TRIALS}
 
     # 1. validity against 5x longer training
@@ -336,7 +337,7 @@ def validity_report(args, setup, group) -> None:
     long_steps = args.gt_steps * args.long_factor
     val = validity_pairs(gfile, anchors, args)
     out: dict = {"benchmark_name": args.benchmark, "seed": args.seed, "gt_steps": args.gt_steps, "gt_lr": args.gt_lr,
-                 "teacher_steps": args.teacher_steps, "batch": args.batch, "threads": 1,
+                 "gt_loss": args.gt_loss, "teacher_steps": args.teacher_steps, "batch": args.batch, "threads": 1,
                  "ground_truth_validity_n": len(val), "ground_truth_validity_long_steps": long_steps,
                  "ground_truth_validity_tau": tau([g["task_loss"] for _, g, _ in val],
                                                   [lg["task_loss"] for _, _, lg in val]) if len(val) > 2 else None}

@@ -171,3 +171,29 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert lr_factor(57, 100) == 1.0
     with pytest.raises(ValueError):
         lr_factor(0, 10, "linear")
+
+
+def test_full_fidelity_without_distillation_trains_on_the_task_loss_alone():
+    """``distill=False``: the teacher gives the inherited weights and nothing else, so the run equals inheritance
+    plus training with no teacher, and differs from the distilled run."""
+    from dataclasses import replace
+
+    from proxies.data import digits_cache
+    from proxies.quality import QualityContext
+    from proxies.quality.base import evaluate
+    from proxies.quality.fidelity import GT_TIMESTEPS, full_fidelity
+    from proxies.quality.train import train
+    from search_spaces import get_arch
+    from search_spaces.inherit import inherit_weights
+
+    torch.manual_seed(0)
+    ctx = QualityContext(data=digits_cache(seed=0), seed=3, batch_size=8, eval_items=8)
+    ctx.teacher = ctx.build(get_arch("digits"), seed=3).eval()
+    arch = get_arch("digits")
+    task = full_fidelity(arch, ctx, 3, seed=1, eval_items=8, distill=False)["task_loss"]
+    kd = full_fidelity(arch, ctx, 3, seed=1, eval_items=8)["task_loss"]
+    model = ctx.build(arch)
+    inherit_weights(model, ctx.teacher, new=ctx.new_modules)
+    train(model, ctx, 3, seed=1, schedule="cosine", warmup=0.1)
+    by_hand = evaluate(model, replace(ctx, eval_items=8, eval_timesteps=GT_TIMESTEPS))["task_loss"]
+    assert task == pytest.approx(by_hand, rel=1e-6) and task != pytest.approx(kd, rel=1e-6)

@@ -27,15 +27,20 @@ GT_TIMESTEPS = 20
 
 
 def full_fidelity(arch: UNetArch, ctx: QualityContext, steps: int, lr: float = 1e-3, warmup: float = 0.1,
-                  seed: int | None = None, eval_items: int | None = None) -> dict[str, float]:
+                  seed: int | None = None, eval_items: int | None = None, distill: bool = True) -> dict[str, float]:
     """Held-out loss after the ground-truth protocol (lower is better) and its cost; ``seed`` is the data
-    order (default: the context's); ``eval_items`` held-out items (default: the whole validation split)."""
+    order (default: the context's); ``eval_items`` held-out items (default: the whole validation split).
+
+    ``distill=False`` trains on the task loss alone (the teacher still gives the inherited weights): the KD
+    terms pull every student towards one teacher, which a student trained long enough outgrows, so a ranking
+    without them may move less with training length (``benchmarks/proxy_validity_cosine.py --gt-loss task``)."""
     if ctx.teacher is None:
-        raise ConfigError("full-fidelity runs distil from a teacher", field="teacher")
+        raise ConfigError("full-fidelity runs inherit from a teacher", field="teacher")
     start = time.perf_counter()
     model = ctx.build(arch)
     inherit_weights(model, ctx.teacher, new=ctx.new_modules)
-    train(model, ctx, steps, lr=lr, seed=seed, teacher=ctx.teacher, schedule="cosine", warmup=warmup)
+    train(model, ctx, steps, lr=lr, seed=seed, teacher=ctx.teacher if distill else None, schedule="cosine",
+          warmup=warmup)
     val = min(len(ctx.data.split("val")), eval_items or len(ctx.data.split("val")))
     loss = evaluate(model, replace(ctx, eval_items=val, eval_timesteps=GT_TIMESTEPS))["task_loss"]
     return {"task_loss": loss, "seconds": time.perf_counter() - start}
