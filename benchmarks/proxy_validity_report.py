@@ -6,13 +6,15 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from common import write_result
 from scipy.stats import kendalltau
 
-from proxies.quality.fidelity import FEATURES, feature_vector
+from proxies.quality.base import evaluate
+from proxies.quality.fidelity import FEATURES, GT_TIMESTEPS, feature_vector
 from proxies.quality.surrogate import arch_key, fit_ridge
 
 TRIALS = 200
@@ -332,12 +334,16 @@ def _one_hot(space, archs) -> np.ndarray:
 def validity_report(args, setup, group) -> None:
     """What ``--part validity`` measured: validity tau against 5x training, the ground truth's and the 5x
     runs' repeat noise and the validity ceiling they imply, and the ground truth at ``--mid-steps``."""
-    _, space, anchors, _ = setup(args)
+    ctx, space, anchors, _ = setup(args)
     gfile = lambda a, s, seed: _read(args.work / f"gt-{arch_key(a)}-{s}-{seed}.json")  # noqa: E731
     long_steps = args.gt_steps * args.long_factor
     val = validity_pairs(gfile, anchors, args)
+    # the teacher on the ground truth's own evaluation: whether the students end above or below it
+    teacher_loss = evaluate(ctx.teacher, replace(ctx, eval_items=len(ctx.data.split("val")),
+                                                 eval_timesteps=GT_TIMESTEPS))["task_loss"]
     out: dict = {"benchmark_name": args.benchmark, "seed": args.seed, "gt_steps": args.gt_steps, "gt_lr": args.gt_lr,
-                 "gt_loss": args.gt_loss, "teacher_steps": args.teacher_steps, "batch": args.batch, "threads": 1,
+                 "gt_loss": args.gt_loss, "teacher_steps": args.teacher_steps, "teacher_task_loss": teacher_loss,
+                 "batch": args.batch, "threads": 1,
                  "ground_truth_validity_n": len(val), "ground_truth_validity_long_steps": long_steps,
                  "ground_truth_validity_tau": tau([g["task_loss"] for _, g, _ in val],
                                                   [lg["task_loss"] for _, _, lg in val]) if len(val) > 2 else None}
@@ -393,7 +399,8 @@ def validity_report(args, setup, group) -> None:
                 "ground_truth_validity_ceiling_p5", "ground_truth_validity_pass_rate_if_exact",
                 "ground_truth_validity_discordant_pairs",
                 "ground_truth_validity_discordant_beyond_noise", "ground_truth_repeat_sigma_log",
-                "ground_truth_validity_long_repeat_sigma_log", "ground_truth_tau_ceiling", "ground_truth_lengthened"):
+                "ground_truth_validity_long_repeat_sigma_log", "ground_truth_tau_ceiling", "ground_truth_lengthened",
+                "teacher_task_loss"):
         print(f"{key}: {out.get(key)}")
     print(f"wrote {write_result(result_name(args, 'proxy_gt_validity', args.benchmark != 'digits'), out)}")
 
@@ -406,6 +413,7 @@ def result_name(args, stem: str = "proxy_validity_cosine", seed0: bool = False) 
     suffix += f"_seed{args.seed}" if args.seed or seed0 else ""
     suffix += "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     suffix += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"
+    suffix += "" if args.gt_loss == "bksdm" else f"_gt{args.gt_loss}"
     suffix += "" if args.teacher_steps == 400 else f"_teacher{args.teacher_steps}"
     suffix += "" if args.gt_steps == 200 else f"_gt{args.gt_steps}"
     return f"{stem}{suffix}"
