@@ -436,3 +436,15 @@ def test_a_trust_section_is_validated(profile, tmp_path):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=r"trust\.verdict"):
         LatencyProfile.load(tmp_path / "p.yaml")
+
+
+def test_the_fit_error_reason_rounds_the_figure_the_file_keeps():
+    """A fit error whose 2-decimal rounding crosses a 1-decimal boundary (28.347 -> 28.35) reads the same in the
+    reason and in every print of the saved figure."""
+    from proxies.latency.lut import Correction
+
+    base = LatencyProfile(settings=SETTINGS, protocol=FAST, device_name="cpu")
+    base.correction = Correction(scale=1.66, offset_ms=0.94, n=5, fit_mape_pct=28.347)
+    trust = judge(base, LoadLog([0.0]))
+    saved = trust.to_dict()["fit_mape_pct"]
+    assert saved == 28.35 and f"calibration fit error {saved:.1f}%" in trust.line()

@@ -104,9 +104,11 @@ def judge(profile: Any, load: LoadLog | None = None, remeasured_blocks: int = 0,
     trust = Trust(remeasured_blocks=remeasured_blocks, remeasured_networks=remeasured_networks)
     corr = profile.correction
     if corr is not None and corr.n >= 3:
-        trust.fit_mape_pct = corr.fit_mape_pct
-        if corr.fit_mape_pct > FIT_LIMIT_PCT:
-            trust.reasons.append(f"calibration fit error {corr.fit_mape_pct:.1f}% (limit {FIT_LIMIT_PCT:g}%; "
+        # the figure as the profile file keeps it (to_dict rounds to 2 decimals), so that the reason's 1-decimal
+        # text and every later print of the saved figure round the same number (28.347 -> 28.35 -> "28.4" in both)
+        trust.fit_mape_pct = round(corr.fit_mape_pct, 2)
+        if trust.fit_mape_pct > FIT_LIMIT_PCT:
+            trust.reasons.append(f"calibration fit error {trust.fit_mape_pct:.1f}% (limit {FIT_LIMIT_PCT:g}%; "
                                  "whole = {:.2f} x block sum {:+.2f} ms)".format(corr.scale, corr.offset_ms))
     bad = noisy(profile.blocks)
     trust.noisy_blocks = len(bad)
