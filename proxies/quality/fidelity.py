@@ -31,9 +31,10 @@ def full_fidelity(arch: UNetArch, ctx: QualityContext, steps: int, lr: float = 1
     """Held-out loss after the ground-truth protocol (lower is better) and its cost; ``seed`` is the data
     order (default: the context's); ``eval_items`` held-out items (default: the whole validation split).
 
-    ``distill=False`` trains on the task loss alone (the teacher still gives the inherited weights): the KD
-    terms pull every student towards one teacher, which a student trained long enough outgrows, so a ranking
-    without them may move less with training length (``benchmarks/proxy_validity_cosine.py --gt-loss task``)."""
+    ``distill=False`` trains on the task loss alone (the teacher still gives the inherited weights), to test
+    whether a ranking without the KD terms, which pull every student towards one teacher, moves less with
+    training length. Measured on shapes (``benchmarks/proxy_validity_cosine.py --gt-loss task``): it moves more,
+    so the ground truth keeps distilling."""
     if ctx.teacher is None:
         raise ConfigError("full-fidelity runs inherit from a teacher", field="teacher")
     start = time.perf_counter()
