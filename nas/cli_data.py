@@ -150,12 +150,14 @@ def data_digits(out: Annotated[Path, typer.Option(help="Cache folder to write.")
 def data_shapes(out: Annotated[Path, typer.Option(help="Cache folder to write.")],
                 seed: Annotated[int, typer.Option(help="Seed of the rendering jitter and the train/val split.")] = 0,
                 per_combination: Annotated[int, typer.Option(min=1, help="Images per combination of the 96 "
-                                                                        "attribute combinations.")] = 36) -> None:
+                                                                        "attribute combinations.")] = 36,
+                objects: Annotated[int, typer.Option(min=1, max=2, help="Shapes per image: 2 is the harder "
+                                                     "variant (benchmark shapes2), as many images.")] = 1) -> None:
     """Write the built-in shapes dataset (rendered, offline; captions like "small red circle top left") as a cache
     folder, for experiments and training recipes (data: FOLDER)."""
     from proxies.shapes import shapes_cache
 
-    cache = shapes_cache(per_combination=per_combination, seed=seed)
+    cache = shapes_cache(per_combination=per_combination, seed=seed, objects=objects)
     cache.save(out)
     console.print(f"wrote {len(cache)} shapes to {out}")
 

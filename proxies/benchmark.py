@@ -2,7 +2,8 @@
 
 ``get_benchmark("digits")`` is scikit-learn's handwritten digits (1 x 8 x 8, one attribute: the digit);
 ``get_benchmark("shapes")`` the rendered shapes of :mod:`proxies.shapes` (3 x 16 x 16, four attributes: colour,
-shape, size, position). Each names its teacher arch (``search_spaces/archs/<name>.yaml``) and the block-removal
+shape, size, position); ``get_benchmark("shapes2")`` two shapes per image (eight attributes) on the shapes teacher
+and space, the harder variant. Each names its teacher arch (``search_spaces/archs/<name>.yaml``) and the block-removal
 and attention-placement space around it (``search_spaces/spaces/<name>.yaml``), and scores a model's samples with
 attribute classifiers fitted on its real training images (:mod:`proxies.quality.attributes`).
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
@@ -22,15 +24,24 @@ from search_spaces import ConfigError, space_path
 
 from .data import LatentCache, digit_caption, digits_cache
 from .quality.attributes import AttributeClassifier, sample_quality
-from .shapes import ATTRIBUTES, all_combinations, shape_caption, shapes_cache
+from .shapes import (
+    ATTRIBUTES,
+    PAIR_ATTRIBUTES,
+    all_combinations,
+    pair_caption,
+    random_pairs,
+    shape_caption,
+    shapes_cache,
+)
 
-BENCHMARKS = ("digits", "shapes")
+BENCHMARKS = ("digits", "shapes", "shapes2")
 
 
 @dataclass
 class Benchmark:
     """One built-in benchmark. ``prompts`` are the attribute labels sampled to score a model (digits: each digit
-    10 times; shapes: each of the 96 combinations once); ``caption`` turns one row of them into its caption."""
+    10 times; shapes: each of the 96 combinations once; shapes2: 96 fixed random pairs); ``caption`` turns one
+    row of them into its caption."""
 
     name: str
     data: LatentCache
@@ -63,7 +74,13 @@ def get_benchmark(name: str, seed: int = 0) -> Benchmark:
         classifier = AttributeClassifier.fit(data, list(ATTRIBUTES), kind="logistic")
         prompts = all_combinations()
         caption = shape_caption
+    elif name == "shapes2":
+        data = shapes_cache(seed=seed, objects=2)
+        classifier = AttributeClassifier.fit(data, list(PAIR_ATTRIBUTES), kind="logistic")
+        prompts = random_pairs(96, np.random.default_rng(7))  # the same prompts whatever the data's seed
+        caption = pair_caption
     else:
         raise ConfigError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})", field="benchmark")
-    return Benchmark(name, data, teacher=name, space=space_path(name), caption=caption, prompts=prompts,
+    base = "shapes" if name == "shapes2" else name  # two shapes per image: the same teacher arch and space
+    return Benchmark(name, data, teacher=base, space=space_path(base), caption=caption, prompts=prompts,
                      classifier=classifier)

@@ -15,11 +15,21 @@ from proxies.benchmark import Benchmark, get_benchmark
 from proxies.data import LatentCache
 from proxies.quality import QualityContext
 from proxies.quality.attributes import AttributeClassifier, sample_quality
-from proxies.shapes import ATTRIBUTES, COLOURS, all_combinations, shape_caption, shapes_cache
+from proxies.shapes import (
+    ATTRIBUTES,
+    COLOURS,
+    PAIR_ATTRIBUTES,
+    all_combinations,
+    pair_caption,
+    render,
+    shape_caption,
+    shapes_cache,
+)
 from search_spaces import ConfigError, get_arch, list_archs, list_spaces, space_path
 from search_spaces.space import SearchSpace
 
 runner = CliRunner()
+POSITION_INDEX = {name: i for i, name in enumerate(ATTRIBUTES["position"])}
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +124,43 @@ def test_attribute_classifiers_read_real_held_out_images(bench, cache):
     assert wrong["sample_all_correct"] < 0.1 and wrong["sample_accuracy"] < 0.5
 
 
+def test_two_shapes_per_image_say_both_in_the_caption_and_the_pixels():
+    bench = get_benchmark("shapes2")
+    cache = bench.data
+    assert len(cache) == 96 * 36 and cache.labels.shape == (len(cache), 8) and cache.text.shape == (len(cache), 16, 16)
+    assert cache.manifest["objects"] == 2 and list(cache.manifest["attributes"]) == list(PAIR_ATTRIBUTES)
+    again = shapes_cache(objects=2)
+    assert torch.equal(again.mean, cache.mean) and again.captions == cache.captions
+    assert not torch.equal(shapes_cache(objects=2, seed=1).labels, cache.labels)
+    first, second = cache.labels[:, 3], cache.labels[:, 7]
+    assert bool((first < second).all())  # two quadrants, the first in reading order first
+    assert len(torch.unique(cache.labels[:, [3, 7]], dim=0)) == 6
+    # most captions are rare: a model has to compose words, not memorise captions
+    assert len(set(cache.captions)) > len(cache) / 2
+    names = [list(v) for v in ATTRIBUTES.values()]
+    for i in range(0, len(cache), 97):
+        row = cache.labels[i].tolist()
+        assert cache.captions[i] == pair_caption(row)
+        # each shape alone, drawn with the jitter it got: where it is, the pair image shows its colour
+        for j in (0, 4):
+            colour, _, _, position = (names[k][row[j + k]] for k in range(4))
+            r, c = divmod(POSITION_INDEX[position], 2)
+            quadrant = (cache.mean[i][:, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] + 1) / 2
+            peak = quadrant.amax(dim=(1, 2)).numpy()
+            nearest = min(COLOURS, key=lambda name: np.abs(np.array(COLOURS[name]) - peak).sum())
+            assert nearest == colour, (cache.captions[i], peak)
+    assert bench.teacher == "shapes" and bench.space == space_path("shapes")
+    assert bench.classifier.names == tuple(PAIR_ATTRIBUTES) and len(bench.prompts) == 96
+    assert min(bench.classifier.real_accuracy.values()) >= 0.95, bench.classifier.real_accuracy
+    assert torch.equal(bench.prompts, get_benchmark("shapes2", seed=1).prompts)  # prompts do not follow the data
+    with pytest.raises(ValueError, match="objects must be 1 or 2"):
+        shapes_cache(objects=3)
+    with pytest.raises(ValueError, match="a pair of shapes has 8 attribute indices"):
+        pair_caption([0, 0, 0, 0])
+    with pytest.raises(ValueError, match="two have 8"):
+        render(np.zeros((2, 6), dtype=int), np.random.default_rng(0))
+
+
 def test_teacher_and_space_build_and_run(cache):
     teacher = get_arch("shapes")
     assert "shapes" in list_archs() and "shapes" in list_spaces()
@@ -176,3 +223,10 @@ def test_cli_writes_the_shapes_cache(tmp_path):
     loaded.check_compatible(get_arch("shapes"))
     result = runner.invoke(app, ["data", "shapes", "--out", str(tmp_path / "x"), "--per-combination", "0"])
     assert result.exit_code == 2 and not (tmp_path / "x").exists()
+    result = runner.invoke(app, ["data", "shapes", "--out", str(tmp_path / "pairs"), "--per-combination", "1",
+                                 "--objects", "2"])
+    assert result.exit_code == 0, result.output
+    pairs = LatentCache.load(tmp_path / "pairs")
+    assert pairs.captions == shapes_cache(per_combination=1, objects=2).captions and pairs.labels.shape == (96, 8)
+    result = runner.invoke(app, ["data", "shapes", "--out", str(tmp_path / "y"), "--objects", "3"])
+    assert result.exit_code == 2 and "--objects" in result.output and not (tmp_path / "y").exists()
