@@ -29,7 +29,7 @@ from common import write_result
 from proxy_validity_cosine import setup
 from proxy_validity_report import _proxies, short_cosine_runs, tau
 
-from proxies.benchmark import BENCHMARKS
+from proxies.benchmark import BENCHMARKS, TEACHER_STEPS
 from proxies.quality.surrogate import arch_key
 
 
@@ -52,10 +52,12 @@ def main() -> None:
     parser.add_argument("--gt-steps", type=int, default=200)
     parser.add_argument("--long-factor", type=int, default=5)
     args = parser.parse_args()
-    fresh = Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}"
+    teacher_steps = TEACHER_STEPS[args.benchmark]
+    suffix = "" if teacher_steps == 400 else f"_teacher{teacher_steps}"
+    fresh = Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}{suffix}"
     identity = Path(f"{fresh}_identity")
     setup_args = argparse.Namespace(benchmark=args.benchmark, seed=args.seed, archs=args.archs, tests="random",
-                                    validate=10, teacher_steps=400, batch=32, new_modules="identity",
+                                    validate=10, teacher_steps=teacher_steps, batch=32, new_modules="identity",
                                     work=identity, gt_lr=1e-3)
     torch.set_num_threads(1)
     _, space, anchors, tests = setup(setup_args)

@@ -31,7 +31,7 @@ import torch
 from common import RESULTS, save_figure, write_result
 from scipy.stats import kendalltau, spearmanr
 
-from proxies.benchmark import BENCHMARKS, get_benchmark
+from proxies.benchmark import BENCHMARKS, TEACHER_STEPS, get_benchmark
 from proxies.cost import arch_costs
 from proxies.quality import QualityContext, evaluate, make_proxy
 from proxies.quality.train import train
@@ -66,12 +66,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--archs", type=int, default=24)
     parser.add_argument("--gt-steps", type=int, default=200)
-    parser.add_argument("--teacher-steps", type=int, default=400)
+    parser.add_argument("--teacher-steps", type=int, help="default: the benchmark's (shapes2 4,000; else 400)")
     parser.add_argument("--repeat", type=int, default=6, help="archs retrained with another data-order seed")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gt-init", choices=("inherit", "fresh"), default="inherit",
                         help="ground truth trains from the teacher's weights with distillation, or from scratch")
     args = parser.parse_args()
+    args.teacher_steps = args.teacher_steps or TEACHER_STEPS[args.benchmark]
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
@@ -171,6 +172,7 @@ def main() -> None:
     suffix = "" if args.benchmark == "digits" else f"_{args.benchmark}"
     suffix += "" if args.seed == 0 else f"_seed{args.seed}"
     suffix += "" if args.gt_init == "inherit" else "_fresh_gt"
+    suffix += "" if args.teacher_steps == 400 else f"_teacher{args.teacher_steps}"
     plot = RESULTS / f"proxy_validity{suffix}.png"
     _plot(results, plot, args.benchmark)
     path = write_result(f"proxy_validity{suffix}", {

@@ -53,7 +53,7 @@ from proxy_validity import LR
 from proxy_validity_report import short_cosine_runs
 from proxy_validity_spread import SPREAD_SIGNAL, pick_spread, spread_pool
 
-from proxies.benchmark import BENCHMARKS, get_benchmark
+from proxies.benchmark import BENCHMARKS, TEACHER_STEPS, get_benchmark
 from proxies.quality import QualityContext
 from proxies.quality.fidelity import cheap_features, full_fidelity
 from proxies.quality.surrogate import arch_key, design
@@ -330,7 +330,7 @@ if __name__ == "__main__":
     parser.add_argument("--spread", type=int, default=0,
                         help="validity: N more archs picked by distill_task@20 over a random pool (0: none)")
     parser.add_argument("--spread-pool", type=int, default=24, help="validity: the pool --spread picks from")
-    parser.add_argument("--teacher-steps", type=int, default=400)
+    parser.add_argument("--teacher-steps", type=int, help="default: the benchmark's (shapes2 4,000; else 400)")
     parser.add_argument("--feature-eval-items", type=int, default=64)
     parser.add_argument("--indices", type=int, nargs="*", help="long, design: only these design archs, in order")
     parser.add_argument("--repeat-indices", type=int, nargs="*", help="design: then repeat these design archs")
@@ -343,6 +343,7 @@ if __name__ == "__main__":
                         help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN, suffixed by the "
                              "options that differ from their defaults)")
     args = parser.parse_args()
+    args.teacher_steps = args.teacher_steps or TEACHER_STEPS[args.benchmark]
     init = "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     init += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"
     init += "" if args.gt_loss == "bksdm" else f"_gt{args.gt_loss}"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from common import write_result
 
-from proxies.benchmark import get_benchmark
+from proxies.benchmark import TEACHER_STEPS, get_benchmark
 from proxies.data import digits_cache
 from proxies.quality import QualityContext, evaluate
 from proxies.quality.train import train
@@ -60,13 +60,14 @@ def step_seconds(rounds: int, steps: int, shapes_data) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher-steps", type=int, default=400)
+    parser.add_argument("--teacher-steps", type=int, help="default: the benchmark's (shapes2 4,000; else 400)")
     parser.add_argument("--every", type=int, default=100, help="evaluate the teacher every so many steps")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the step timing")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--benchmark", choices=("shapes", "shapes2"), default="shapes",
                         help="one shape per image, or two (the harder variant)")
     args = parser.parse_args()
+    args.teacher_steps = args.teacher_steps or TEACHER_STEPS[args.benchmark]
     torch.set_num_threads(args.threads)
 
     load_start = os.getloadavg()  # the machine is shared: say under what load the seconds were taken

@@ -150,6 +150,7 @@ def test_two_shapes_per_image_say_both_in_the_caption_and_the_pixels():
             nearest = min(COLOURS, key=lambda name: np.abs(np.array(COLOURS[name]) - peak).sum())
             assert nearest == colour, (cache.captions[i], peak)
     assert bench.teacher == "shapes" and bench.space == space_path("shapes")
+    assert bench.teacher_steps == 4000  # 20x the ground truth's steps: what validates shapes2's ground truth
     assert bench.classifier.names == tuple(PAIR_ATTRIBUTES) and len(bench.prompts) == 96
     assert min(bench.classifier.real_accuracy.values()) >= 0.95, bench.classifier.real_accuracy
     assert torch.equal(bench.prompts, get_benchmark("shapes2", seed=1).prompts)  # prompts do not follow the data
@@ -179,6 +180,7 @@ def test_teacher_and_space_build_and_run(cache):
 
 def test_benchmark_registry_and_sample_quality_runs(bench):
     assert bench.teacher == "shapes" and bench.space == space_path("shapes") and len(bench.prompts) == 96
+    assert bench.teacher_steps == 400
     ctx = QualityContext(data=bench.data, seed=0)
     model = ctx.build(get_arch(bench.teacher))
     prompts = bench.prompts[:8]
