@@ -93,7 +93,7 @@ def report(args, results: dict) -> None:
     tests, design = results["archs"], results["design_archs"]
     gt = [e["gt"]["task_loss"] for e in tests]
     dgt = [e["gt"]["task_loss"] for e in design]
-    dlong = [e["long"]["task_loss"] for e in design]
+    dlong = [e["long"]["task_loss"] if isinstance(e["long"], dict) else e["long"] for e in design]
     base_runs = loaded(tests + design, BASELINE)
     if base_runs is None:
         raise SystemExit(f"error: {args.work}: the {BASELINE} baseline is not finished on every arch")
