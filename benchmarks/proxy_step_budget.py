@@ -39,6 +39,7 @@ from search_spaces import UNetArch
 
 BASELINE = "16x32@0.002"
 VARIANTS = (BASELINE, "32x16@0.002", "64x8@0.002", "64x8@0.001")
+REQUIRED = ("benchmark_name", "seed", "archs", "design_archs", "proxies")
 
 
 def parse_variant(text: str) -> tuple[int, int, float]:
@@ -46,9 +47,12 @@ def parse_variant(text: str) -> tuple[int, int, float]:
     try:
         shape, lr = text.split("@")
         steps, batch = shape.split("x")
-        return int(steps), int(batch), float(lr)
+        out = int(steps), int(batch), float(lr)
     except ValueError:
-        raise SystemExit(f"error: --variants: {text!r} is not STEPSxBATCH@LR (e.g. 64x8@0.002)") from None
+        raise ValueError(f"{text!r} is not STEPSxBATCH@LR (e.g. 64x8@0.002)") from None
+    if out[0] < 1 or out[1] < 1 or not out[2] > 0:
+        raise ValueError(f"{text!r}: steps and batch must be >= 1 and the learning rate > 0")
+    return out
 
 
 def run_args(results: dict, results_path: Path) -> argparse.Namespace:
@@ -96,7 +100,7 @@ def report(args, results: dict) -> None:
     dlong = [e["long"]["task_loss"] if isinstance(e["long"], dict) else e["long"] for e in design]
     base_runs = loaded(tests + design, BASELINE)
     if base_runs is None:
-        raise SystemExit(f"error: {args.work}: the {BASELINE} baseline is not finished on every arch")
+        raise SystemExit(f"error: {args.work}: the {BASELINE} baseline is not finished on every arch (--part run)")
     base_seconds = float(np.median([r["seconds"] for r in base_runs]))
     base_fraction = results["proxies"]["cosine@16/lr0.002"]["cost_fraction_of_ground_truth"]
     original = [e["features"]["short"]["cosine@16/lr0.002"]["task_loss"] for e in tests + design]
@@ -142,11 +146,18 @@ if __name__ == "__main__":
     parser.add_argument("--part", choices=("run", "report"), required=True)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="STEPSxBATCH@LR each")
     args = parser.parse_args()
-    if not args.results.is_file():
-        raise SystemExit(f"error: --results: {args.results} is not a file")
-    results = json.loads(args.results.read_text())
+    try:
+        results = json.loads(args.results.read_text())
+        missing = [k for k in REQUIRED if k not in results]
+    except (OSError, ValueError) as err:
+        parser.error(f"--results: {args.results}: {err}")
+    if missing:
+        parser.error(f"--results: {args.results}: not a proxy_validity_cosine results file (no {', '.join(missing)})")
     for v in args.variants:
-        parse_variant(v)
+        try:
+            parse_variant(v)
+        except ValueError as err:
+            parser.error(f"--variants: {err}")
     args.work = Path("runs") / f"proxy_step_budget_{args.results.stem}"
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
