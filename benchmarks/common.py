@@ -15,6 +15,12 @@ from search_spaces.yamlio import atomic_write
 RESULTS = Path(__file__).parent / "results"
 
 
+def teacher_suffix(steps: int) -> str:
+    """``_teacherN`` for a teacher of N steps other than 400, else nothing: the part of a work folder's or results
+    file's name that keeps runs with another teacher (shapes2's default 4,000 included) apart from 400-step ones."""
+    return "" if steps == 400 else f"_teacher{steps}"
+
+
 def environment() -> dict[str, Any]:
     """Where and with what a result was measured. ``torch_cpu_capability`` is the instruction set torch's CPU
     kernels dispatch to (AVX2, AVX512, ...): two machines that differ in it sum in another order, and a long

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import write_result
+from common import teacher_suffix, write_result
 from proxy_validity_cosine import setup
 from proxy_validity_report import _proxies, short_cosine_runs, tau
 
@@ -53,8 +53,7 @@ def main() -> None:
     parser.add_argument("--long-factor", type=int, default=5)
     args = parser.parse_args()
     teacher_steps = TEACHER_STEPS[args.benchmark]
-    suffix = "" if teacher_steps == 400 else f"_teacher{teacher_steps}"
-    fresh = Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}{suffix}"
+    fresh = Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}{teacher_suffix(teacher_steps)}"
     identity = Path(f"{fresh}_identity")
     setup_args = argparse.Namespace(benchmark=args.benchmark, seed=args.seed, archs=args.archs, tests="random",
                                     validate=10, teacher_steps=teacher_steps, batch=32, new_modules="identity",

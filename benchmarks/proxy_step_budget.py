@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from common import environment
+from common import environment, teacher_suffix
 from proxy_validity_cosine import SHORT_EVAL_ITEMS, cached, claim, setup
 from scipy.stats import kendalltau
 
@@ -59,7 +59,7 @@ def parse_variant(text: str) -> tuple[int, int, float]:
 
 def run_args(results: dict) -> argparse.Namespace:
     """The options of the proxy_validity_cosine run that wrote ``results`` (its teacher, seed and work folder)."""
-    init = "" if results.get("teacher_steps", 400) == 400 else f"_teacher{results['teacher_steps']}"
+    init = teacher_suffix(results.get("teacher_steps", 400))
     name, seed = results["benchmark_name"], results["seed"]
     return argparse.Namespace(
         benchmark=name, seed=seed, device="cpu", teacher_steps=results.get("teacher_steps", 400),
@@ -133,9 +133,8 @@ def report(args, results: dict) -> None:
               f"vs 5x {row['kendall_tau_design_archs_vs_5x']:.3f}) {seconds:.1f}s "
               f"cost {row['cost_fraction_of_ground_truth']:.1%}")
     print(f"baseline reproduced within {reproduced:.2e} of the source run")
-    teacher = out["teacher_steps"]
     dest = Path("benchmarks/results") / (f"proxy_step_budget_{out['benchmark_name']}_seed{out['seed']}"
-                                         + ("" if teacher == 400 else f"_teacher{teacher}") + ".json")
+                                         f"{teacher_suffix(out['teacher_steps'])}.json")
     dest.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {dest}")
 

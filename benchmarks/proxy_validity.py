@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, save_figure, write_result
+from common import RESULTS, save_figure, teacher_suffix, write_result
 from scipy.stats import kendalltau, spearmanr
 
 from proxies.benchmark import BENCHMARKS, TEACHER_STEPS, get_benchmark
@@ -172,7 +172,7 @@ def main() -> None:
     suffix = "" if args.benchmark == "digits" else f"_{args.benchmark}"
     suffix += "" if args.seed == 0 else f"_seed{args.seed}"
     suffix += "" if args.gt_init == "inherit" else "_fresh_gt"
-    suffix += "" if args.teacher_steps == 400 else f"_teacher{args.teacher_steps}"
+    suffix += teacher_suffix(args.teacher_steps)
     plot = RESULTS / f"proxy_validity{suffix}.png"
     _plot(results, plot, args.benchmark)
     path = write_result(f"proxy_validity{suffix}", {

@@ -49,6 +49,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from common import teacher_suffix
 from proxy_validity import LR
 from proxy_validity_report import short_cosine_runs
 from proxy_validity_spread import SPREAD_SIGNAL, pick_spread, spread_pool
@@ -347,7 +348,7 @@ if __name__ == "__main__":
     init = "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     init += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"
     init += "" if args.gt_loss == "bksdm" else f"_gt{args.gt_loss}"
-    init += "" if args.teacher_steps == 400 else f"_teacher{args.teacher_steps}"
+    init += teacher_suffix(args.teacher_steps)
     init += "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"  # another device trains another teacher
     args.work = args.work or Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}{init}"
     args.archs = 0 if args.tests == "table" else args.archs

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from common import write_result
+from common import teacher_suffix, write_result
 from scipy.stats import kendalltau
 
 from proxies.quality.base import evaluate
@@ -414,7 +414,7 @@ def result_name(args, stem: str = "proxy_validity_cosine", seed0: bool = False) 
     suffix += "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     suffix += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"
     suffix += "" if args.gt_loss == "bksdm" else f"_gt{args.gt_loss}"
-    suffix += "" if args.teacher_steps == 400 else f"_teacher{args.teacher_steps}"
+    suffix += teacher_suffix(args.teacher_steps)
     suffix += "" if args.gt_steps == 200 else f"_gt{args.gt_steps}"
     return f"{stem}{suffix}"
 
