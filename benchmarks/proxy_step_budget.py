@@ -19,7 +19,8 @@ the baseline's measured cost fraction of a ground-truth run in the original run.
     python benchmarks/proxy_step_budget.py --results benchmarks/results/proxy_validity_cosine.json --part run
     python benchmarks/proxy_step_budget.py --results benchmarks/results/proxy_validity_cosine.json --part report
 
-Writes ``benchmarks/results/proxy_step_budget_<benchmark>_seed<N>[_teacher<steps>].json``.
+Writes ``benchmarks/results/proxy_step_budget_<benchmark>[_table]_seed<N>[_teacher<steps>].json`` (``_table``:
+a shapes run whose test archs are its 64-arch table).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def report(args, results: dict) -> None:
               f"vs 5x {row['kendall_tau_design_archs_vs_5x']:.3f}) {seconds:.1f}s "
               f"cost {row['cost_fraction_of_ground_truth']:.1%}")
     print(f"baseline reproduced within {reproduced:.2e} of the source run")
-    dest = Path("benchmarks/results") / (f"proxy_step_budget_{out['benchmark_name']}_seed{out['seed']}"
+    table = "_table" if results.get("tests") == "table" and out["benchmark_name"] != "digits" else ""
+    dest = Path("benchmarks/results") / (f"proxy_step_budget_{out['benchmark_name']}{table}_seed{out['seed']}"
                                          f"{teacher_suffix(out['teacher_steps'])}.json")
     dest.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {dest}")

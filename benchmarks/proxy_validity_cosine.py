@@ -26,11 +26,12 @@ both, optionally ``--mid-steps``; ``--spread N`` adds N archs picked over the ra
 writes it to ``proxy_gt_validity_BENCHMARK_seedN.json``;
 ``--new-modules identity`` starts what the teacher lacks as the identity in every run (ground truth and
 proxies, work folder ``..._identity``); ``--part report`` analyses whatever is finished. ``--tests table``:
-the test archs are every arch of the 64-arch digits sub-space of :func:`table_space` (the search-quality
-study's table) instead of ``--archs`` random ones; each test and design arch also gets the short cosine runs of
-``short_cosine_runs`` (4% and 8% of ``--gt-steps``). ``--device cuda`` trains every run on a GPU: the 5x test of
-a 1,000-step ground truth (5,000-step runs) takes 12-35 minutes of one CPU core per arch; the GPU trains its own
-teacher in its own work folder (``..._cuda``), and several processes share one GPU as they share the CPU.
+the test archs are every arch of the benchmark's 64-arch sub-space of :func:`table_space` (the search-quality study's
+table; results file suffixed ``_table`` except on digits) instead of ``--archs`` random ones; each test and design
+arch also gets the short cosine runs of ``short_cosine_runs`` (4% and 8% of ``--gt-steps``). ``--device cuda`` trains
+every run on a GPU: the 5x test of a 1,000-step ground truth (5,000-step runs) takes 12-35 minutes of one CPU core per
+arch; the GPU trains its own teacher in its own work folder (``..._cuda``), and several processes share one GPU as
+they share the CPU.
 
     python benchmarks/proxy_validity_cosine.py --part all & python benchmarks/proxy_validity_cosine.py --part all
     python benchmarks/proxy_validity_cosine.py --part report
@@ -69,22 +70,36 @@ TRIALS = 200  # one-time costs are divided by this many trials
 SHORT_EVAL_ITEMS = 64
 
 
-def table_space() -> dict:
-    """The 64-arch digits sub-space whose every arch gets the ground truth (the search-quality study): the
-    three down stages' ResNet counts (the first breaks inheritance at 1), the mid block's, and attention in the
-    last two up stages; everything else at the teacher's choice."""
+def table_space(benchmark: str = "digits") -> dict:
+    """The 64-arch sub-space of ``benchmark``'s space whose every arch gets the ground truth (the search-quality
+    study), everything not listed at the teacher's choice. digits: the three down stages' ResNet counts (the first
+    breaks inheritance at 1), the mid block's, and attention in the last two up stages. shapes and shapes2 (one
+    space): the ResNet counts of the second and third down stages (the second breaks inheritance at 1: held-out
+    loss 0.43-0.51 right after inheritance on shapes2, against 0.16-0.38) and of the mid block, the mid block's
+    attention, a second attention in the first up stage (a module the teacher lacks) and the second up stage's."""
     import yaml
 
     from search_spaces import space_path
 
-    data = yaml.safe_load(space_path("digits").read_text())
-    data["name"] = "digits_table"
+    base = "shapes" if benchmark in ("shapes", "shapes2") else benchmark
+    if base not in ("digits", "shapes"):
+        raise ValueError(f"no table sub-space for benchmark {benchmark!r}")
+    data = yaml.safe_load(space_path(base).read_text())
+    data["name"] = f"{base}_table"
     data["stages"] = [3]
     data["down"][0]["attentions"] = 0
-    data["down"][1]["attentions"] = 1
-    data["mid"].update(resnets=[1, 2], attentions=1, upsample=False)
-    data["up"][0]["attentions"] = 1
-    data["up"][1]["attentions"] = [1, 2]
+    if base == "digits":
+        data["down"][1]["attentions"] = 1
+        data["mid"].update(resnets=[1, 2], attentions=1, upsample=False)
+        data["up"][0]["attentions"] = 1
+        data["up"][1]["attentions"] = [1, 2]
+        return data
+    data["down"][1].update(resnets=[1, 2], attentions=1)
+    data["down"][2].update(resnets=[1, 2], attentions=1)
+    data["mid"].update(resnets=[1, 2], attentions=[0, 1], upsample=False)
+    data["up"][0]["attentions"] = [1, 2]
+    data["up"][1]["attentions"] = [0, 1]
+    data["up"][2]["attentions"] = 0
     return data
 
 
@@ -120,7 +135,7 @@ def setup(args) -> tuple[QualityContext, SearchSpace, list[UNetArch], list[UNetA
     rng = random.Random(args.seed)  # the very archs of proxy_validity.py
     tests: list[UNetArch] = []
     if args.tests == "table":
-        tests = SearchSpace(table_space()).enumerate()
+        tests = SearchSpace(table_space(args.benchmark)).enumerate()
     while len(tests) < args.archs and args.tests == "random":
         a = space.sample(rng)
         if a not in tests:
@@ -312,7 +327,7 @@ if __name__ == "__main__":
                         choices=("all", "main", "design", "long", "validity", "signals", "validity-report", "report"),
                         help="all: every job, shareable by several processes on one work folder")
     parser.add_argument("--tests", choices=("random", "table"), default="random",
-                        help="test archs: --archs random ones, or all 64 of the digits table sub-space")
+                        help="test archs: --archs random ones, or all 64 of the benchmark's table sub-space")
     parser.add_argument("--benchmark", choices=BENCHMARKS, default="digits", help="data, teacher and space")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--archs", type=int, default=24)

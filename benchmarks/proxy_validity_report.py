@@ -162,7 +162,8 @@ def report(args, setup, gt, features, group) -> None:
         short = {f"cosine@{k}/lr{lr:g}": _read(w / f"cos-{arch_key(a)}-{k}-{lr:g}.json")
                  for k, lr in short_cosine_runs(args.gt_steps)}
         return {**f, "short": short} if f and all(short.values()) else None
-    out: dict = {"benchmark_name": args.benchmark, "n_archs": 0, "seed": args.seed, "gt_steps": args.gt_steps,
+    out: dict = {"benchmark_name": args.benchmark, "tests": args.tests, "n_archs": 0, "seed": args.seed,
+                 "gt_steps": args.gt_steps,
                  "gt_init": "inherit", "new_modules": args.new_modules, "batch": args.batch,
                  "gt_protocol": f"{'BK-SDM distillation' if args.gt_loss == 'bksdm' else 'the task loss alone'} "
                                 f"from inherited weights, AdamW lr {args.gt_lr:g}, cosine to "
@@ -408,8 +409,11 @@ def validity_report(args, setup, group) -> None:
 def result_name(args, stem: str = "proxy_validity_cosine", seed0: bool = False) -> str:
     """The results file of a run of these options (without ``.json``): the stem, then every option that differs
     from its default, so a run of other options never overwrites the default run's results. ``seed0``: name
-    seed 0 too (the validity files of shapes always carry their seed)."""
+    seed 0 too (the validity files of shapes always carry their seed). A ``--tests table`` run of shapes or shapes2
+    is suffixed ``_table`` (it shares its work folder with the random-test run); digits' table run, the first,
+    kept the plain name."""
     suffix = "" if args.benchmark == "digits" else f"_{args.benchmark}"
+    suffix += "_table" if getattr(args, "tests", "random") == "table" and args.benchmark != "digits" else ""
     suffix += f"_seed{args.seed}" if args.seed or seed0 else ""
     suffix += "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     suffix += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"

@@ -2,22 +2,30 @@
 with the validated ground truth.
 
 A proxy's Kendall tau says how it orders archs; a search needs it to pick a good quality/latency front. This
-benchmark closes the loop on the 64-arch digits sub-space of ``proxy_validity_cosine.py --tests table``, whose
-every arch has the ground truth (the cosine protocol validated against 5x longer training), the cheap features
-and the short cosine runs cached in that run's work folder:
+benchmark closes the loop on a benchmark's 64-arch sub-space (:func:`table_space`) whose every arch has the ground
+truth (the cosine protocol validated against 5x longer training), the cheap features and the short cosine runs:
+the results file of ``proxy_validity_cosine.py --tests table`` keeps them all (``--results``), so the study
+reruns from a clean checkout.
 
 1. For each proxy (``--proxies``; the ground truth itself as the ceiling), a table arch -> (proxy score, A10G
-   latency predicted by ``RooflinePredictor``).
+   latency predicted by ``RooflinePredictor`` at the benchmark's latent size and caption length).
 2. The project's own search loop (``run_worker``: the ``--strategy`` sampler, its cost pre-filter, budget,
    duplicate handling, SQLite storage) for ``--trials`` trials and each of ``--seeds`` seeds, objectives looked up
    in that table, as ``search_efficiency.py`` does.
-3. After 20, 30 and 60 trials: the search's own Pareto front (by its proxy and latency), each arch on it
-   measured with the ground truth; the exact 2-D hypervolume of those (ground truth, latency) points divided by
-   the hypervolume of the true ground-truth front of the whole table (1.0 = the search returned the true front).
+3. After each of ``--checkpoints`` trials (20, 30, 60): the search's own Pareto front (by its proxy and latency),
+   each arch on it measured with the ground truth; the exact 2-D hypervolume of those (ground truth, latency)
+   points divided by the hypervolume of the true ground-truth front of the whole table (1.0 = the search returned
+   the true front).
+4. ``--refine N`` (2): the same for the finalists, the search's archs on the first N Pareto layers of its own
+   values, trained to the ground truth, the front then picked by the ground truth: budget spent unevenly, one
+   full run per finalist (counted in ``refined_finalists``).
 
-    python benchmarks/search_quality.py [--work runs/proxy_validity_cosine_digits_seed0]
+    python benchmarks/search_quality.py    # digits, seed 0: benchmarks/results/proxy_validity_cosine.json
+    python benchmarks/search_quality.py \
+        --results benchmarks/results/proxy_validity_cosine_shapes2_table_seed1_teacher4000.json
 
-Writes ``benchmarks/results/search_quality.json``. The numbers are hypervolumes, not times.
+Writes ``benchmarks/results/search_quality.json`` (digits, seed 0), else ``search_quality_BENCHMARK_seedN.json``.
+The numbers are hypervolumes, not times.
 """
 
 from __future__ import annotations
@@ -32,36 +40,30 @@ from typing import Any
 import numpy as np
 from common import write_result
 from proxy_validity_cosine import table_space
-from proxy_validity_report import short_cosine_runs
 from search_efficiency import LATENCY_OBJECTIVE, QUALITY, TableEvaluator, hypervolume
 
 from nas.experiment import Experiment
 from nas.report import pareto_indices
 from nas.search.optuna_backend import run_worker
+from proxies.benchmark import get_benchmark
 from proxies.latency import Settings
 from proxies.latency.roofline import RooflinePredictor, load_spec
 from proxies.quality.fidelity import feature_vector
-from proxies.quality.surrogate import arch_key, design, fit_ridge
+from proxies.quality.surrogate import fit_ridge
 from search_spaces import UNetArch
 from search_spaces.space import SearchSpace
 
 CHECKPOINTS = (20, 30, 60)
 
 
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def records_from(results: dict) -> tuple[dict[UNetArch, dict], list[dict]]:
+    """Each test arch's record (ground truth, cheap features, short cosine runs) and the design archs' (the
+    surrogates' anchors, in design order) from a ``proxy_validity_cosine*.json``, which keeps them all."""
+    def record(e: dict) -> dict:
+        return {"gt": e["gt"]["task_loss"], "features": e["features"], "short": e["features"]["short"]}
 
-
-def arch_record(work: Path, arch: UNetArch, gt_steps: int, seed: int) -> dict | None:
-    """The arch's ground truth, cheap features and short cosine runs from the work folder (None if missing)."""
-    key = arch_key(arch)
-    gt = _read(work / f"gt-{key}-{gt_steps}-{seed}.json")
-    feat = _read(work / f"feat-{key}.json")
-    short = {f"cosine@{k}/lr{lr:g}": _read(work / f"cos-{key}-{k}-{lr:g}.json")
-             for k, lr in short_cosine_runs(gt_steps)}
-    if not (gt and feat and all(short.values())):
-        return None
-    return {"gt": gt["task_loss"], "features": feat, "short": short}
+    tests = {UNetArch.from_dict(e["arch"]): record(e) for e in results["archs"]}
+    return tests, [record(e) for e in results["design_archs"]]
 
 
 def proxy_scores(name: str, rows: list[dict], anchors: list[dict]) -> list[float]:
@@ -99,12 +101,11 @@ def proxy_scores(name: str, rows: list[dict], anchors: list[dict]) -> list[float
 
 
 def run_search(strategy: str, seed: int, space_data: dict[str, Any], trials: int,
-               table: dict[UNetArch, tuple[float, float]], folder: Path) -> list[UNetArch]:
+               table: dict[UNetArch, tuple[float, float]], folder: Path, latency: dict[str, Any]) -> list[UNetArch]:
     """One search through the project's ``run_worker``; the archs of its completed trials in trial order."""
     exp = Experiment.model_validate({
         "name": f"{strategy}_{seed}", "seed": seed, "space": space_data, "data": "digits",
-        "objectives": [{"name": QUALITY, "kind": "quality", "proxy": "distill", "options": {"steps": 0}},
-                       LATENCY_OBJECTIVE],
+        "objectives": [{"name": QUALITY, "kind": "quality", "proxy": "distill", "options": {"steps": 0}}, latency],
         "strategy": {"name": strategy, "population": 10, "prefilter": 8},
         "budget": {"trials": trials}, "output_dir": str(folder), "base_dir": str(folder),
     })
@@ -118,6 +119,28 @@ def run_search(strategy: str, seed: int, space_data: dict[str, Any], trials: int
     return [UNetArch.from_dict(t.user_attrs["arch"]) for t in done]
 
 
+def top_layers(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, float]], layers: int) -> list[UNetArch]:
+    """The search's distinct archs on the first ``layers`` Pareto layers of its own (proxy, latency) values
+    (non-dominated sorting, as NSGA-II ranks): layer 1 is its front, layer 2 the front of the rest, ..."""
+    rest, out = list(dict.fromkeys(archs)), []
+    for _ in range(layers):
+        layer = [rest[i] for i in pareto_indices([proxy[a] for a in rest])] if rest else []
+        out += layer
+        rest = [a for a in rest if a not in layer]
+    return out
+
+
+def refined_fraction(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, float]],
+                     truth: dict[UNetArch, tuple[float, float]], ref: tuple[float, float], optimum: float,
+                     layers: int) -> tuple[float, int]:
+    """The finalists (the first ``layers`` Pareto layers by the search's own values, :func:`top_layers`) trained
+    with the ground-truth protocol and the front picked from them by the ground truth, as a share of the true
+    front's hypervolume, and how many finalists that took (the ground-truth runs it spends after the search).
+    Layer 1 alone equals :func:`found_fraction`: a front's dominated members add no hypervolume."""
+    finalists = top_layers(archs, proxy, layers)
+    return hypervolume([truth[a] for a in finalists], ref) / optimum, len(finalists)
+
+
 def found_fraction(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, float]],
                    truth: dict[UNetArch, tuple[float, float]], ref: tuple[float, float], optimum: float) -> float:
     """The search's own front (by its proxy and latency) measured with the ground truth, as a share of the
@@ -129,33 +152,44 @@ def found_fraction(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("runs/proxy_validity_cosine_digits_seed0"),
-                        help="work folder of proxy_validity_cosine.py --benchmark digits --tests table")
-    parser.add_argument("--seed", type=int, default=0, help="that run's seed")
-    parser.add_argument("--gt-steps", type=int, default=200)
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results/proxy_validity_cosine.json"),
+                        help="a proxy_validity_cosine.py --tests table results file (default: digits, seed 0)")
     parser.add_argument("--proxies", nargs="+", default=["ground_truth", "surrogate6@5", "cosine@16/lr0.002",
                                                            "distill_task@20", "macs"])
     parser.add_argument("--strategy", default="evolution")
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--checkpoints", type=int, nargs="+", default=list(CHECKPOINTS),
+                        help="trial counts at which the found front is measured")
+    parser.add_argument("--refine", type=int, default=2,
+                        help="also measure the front of the first N Pareto layers fully trained (0: off)")
     args = parser.parse_args()
+    if args.refine < 0 or min(args.checkpoints) < 1 or max(args.checkpoints) > args.trials:
+        parser.error("--refine must be >= 0 and every --checkpoints value within 1..--trials")
     start = time.perf_counter()
+    try:
+        results = json.loads(args.results.read_text())
+        if results.get("tests", "table") != "table":  # digits' table run predates the key
+            raise ValueError("its test archs are random ones, not a table (run it with --tests table)")
+        bench_name, run_seed = results["benchmark_name"], results["seed"]
+        records, anchors = records_from(results)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        parser.error(f"--results: {args.results}: {err!r}" if isinstance(err, KeyError) else
+                     f"--results: {args.results}: {err}")
+    bench = get_benchmark(bench_name, seed=0)
+    latent, text_len = bench.data.latent_shape[-1], bench.data.text.shape[1]
+    # the experiment's latency objective and the table's: A10G, fp16, batch 2, at the benchmark's shapes
+    latency_objective = {**LATENCY_OBJECTIVE, "resolution": latent * 8, "text_len": text_len}
 
-    space_data = table_space()
+    space_data = table_space(bench_name)
     space = SearchSpace(space_data)
     archs = space.enumerate()
-    records = {a: arch_record(args.work, a, args.gt_steps, args.seed) for a in archs}
-    missing = [arch_key(a) for a, r in records.items() if r is None]
-    if missing:
-        raise SystemExit(f"error: {args.work}: {len(missing)} of {len(archs)} table archs not measured yet")
-    full = SearchSpace.from_yaml("digits")
-    design_archs = design(full, 10, args.seed, text_len=8)
-    anchors = [arch_record(args.work, a, args.gt_steps, args.seed) for a in design_archs]
-    if any(r is None for r in anchors):
-        raise SystemExit(f"error: {args.work}: the design archs (the surrogates' anchors) are not all measured yet")
+    if set(archs) != set(records):
+        parser.error(f"--results: {args.results}: its {len(records)} test archs are not the {bench_name} table's "
+                     f"{len(archs)}")
 
     latency = RooflinePredictor(load_spec(LATENCY_OBJECTIVE["spec"]),
-                                Settings(dtype="fp16", batch=2, resolution=64, text_len=8))
+                                Settings(dtype="fp16", batch=2, resolution=latent * 8, text_len=text_len))
     lat = {a: float(latency.predict(a)) for a in archs}
     truth = {a: (records[a]["gt"], lat[a]) for a in archs}
     points = list(truth.values())
@@ -170,28 +204,48 @@ def main() -> None:
         for name in args.proxies:
             scores = proxy_scores(name, [records[a] for a in archs], anchors)
             table = {a: (s, lat[a]) for a, s in zip(archs, scores, strict=True)}
-            per_seed: dict[str, list[float]] = {str(k): [] for k in CHECKPOINTS if k <= args.trials}
+            per_seed: dict[str, list[float]] = {str(k): [] for k in sorted(set(args.checkpoints))}
+            refined: dict[str, list[float]] = {k: [] for k in per_seed}
+            finalists: dict[str, list[int]] = {k: [] for k in per_seed}
             for seed in range(args.seeds):
                 folder = Path(tmp) / name.replace("/", "_")
                 folder.mkdir(exist_ok=True)
-                found = run_search(args.strategy, seed, space_data, args.trials, table, folder)
+                found = run_search(args.strategy, seed, space_data, args.trials, table, folder, latency_objective)
                 for k in per_seed:
                     per_seed[k].append(found_fraction(found[: int(k)], table, truth, ref, optimum))
+                    if args.refine:
+                        hv, n = refined_fraction(found[: int(k)], table, truth, ref, optimum, args.refine)
+                        refined[k].append(hv)
+                        finalists[k].append(n)
             whole = found_fraction(archs, table, truth, ref, optimum)  # the proxy's front over the whole table
             results[name] = {
                 "kendall_tau": float(kendalltau(scores, [records[a]["gt"] for a in archs]).statistic),
                 "ground_truth_hypervolume_fraction": per_seed,
                 "mean": {k: float(np.mean(v)) for k, v in per_seed.items()},
                 "whole_table_front_fraction": whole}
+            if args.refine:
+                results[name]["refined_hypervolume_fraction"] = refined
+                results[name]["refined_mean"] = {k: float(np.mean(v)) for k, v in refined.items()}
+                results[name]["refined_finalists"] = finalists
             print(f"{name:32s} tau {results[name]['kendall_tau']:5.2f}  " + "  ".join(
                 f"HV@{k} {np.mean(v):.3f}±{np.std(v):.3f}" for k, v in per_seed.items()) +
-                f"  (whole-table front {whole:.3f})", flush=True)
+                f"  (whole-table front {whole:.3f})" + ("  refined " + "  ".join(
+                    f"@{k} {np.mean(v):.3f} ({np.mean(finalists[k]):.1f} runs)" for k, v in refined.items())
+                    if args.refine else ""), flush=True)
 
-    path = write_result("search_quality", {
+    name = "search_quality" + ("" if (bench_name, run_seed) == ("digits", 0) else f"_{bench_name}_seed{run_seed}")
+    path = write_result(name, {
+        "source": args.results.name, "benchmark_name": bench_name, "seed": run_seed,
         "space": {"name": space_data["name"], "archs": len(archs), "definition": space_data},
         "ground_truth": "the cosine protocol of proxy_validity_cosine.py (validated against 5x longer training)",
-        "latency": "RooflinePredictor a10g fp16, batch 2, 64 px, 8 tokens (predicted ms per U-Net step)",
-        "strategy": args.strategy, "trials": args.trials, "seeds": args.seeds, "checkpoints": list(CHECKPOINTS),
+        "latency": f"RooflinePredictor a10g fp16, batch 2, {latent * 8} px, {text_len} tokens "
+                   "(predicted ms per U-Net step)",
+        "strategy": args.strategy, "trials": args.trials, "seeds": args.seeds,
+        "checkpoints": sorted(set(args.checkpoints)),
+        "refine": args.refine or None,
+        "refined": "the search's archs on the first --refine Pareto layers of its own values (non-dominated "
+                   "sorting), trained with the ground-truth protocol, the front picked from those by the ground "
+                   "truth; refined_finalists: how many ground-truth runs that took" if args.refine else None,
         "hypervolume": "exact 2-D, of the search's own front (by its proxy) measured with the ground truth, "
                        "divided by the true ground-truth front's",
         "reference_point": ref, "true_front_size": len(true_front),
