@@ -21,6 +21,12 @@ def teacher_suffix(steps: int) -> str:
     return "" if steps == 400 else f"_teacher{steps}"
 
 
+def table_suffix(tests: str, benchmark: str) -> str:
+    """``_table`` for a run whose test archs are a shapes or shapes2 table (it shares its work folder with that
+    benchmark's random-test run), else nothing; digits' table run, the first, kept the plain name."""
+    return "_table" if tests == "table" and benchmark != "digits" else ""
+
+
 def environment() -> dict[str, Any]:
     """Where and with what a result was measured. ``torch_cpu_capability`` is the instruction set torch's CPU
     kernels dispatch to (AVX2, AVX512, ...): two machines that differ in it sum in another order, and a long

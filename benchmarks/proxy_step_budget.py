@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from common import environment, teacher_suffix
+from common import environment, table_suffix, teacher_suffix
 from proxy_validity_cosine import SHORT_EVAL_ITEMS, cached, claim, setup
 from scipy.stats import kendalltau
 
@@ -134,7 +134,7 @@ def report(args, results: dict) -> None:
               f"vs 5x {row['kendall_tau_design_archs_vs_5x']:.3f}) {seconds:.1f}s "
               f"cost {row['cost_fraction_of_ground_truth']:.1%}")
     print(f"baseline reproduced within {reproduced:.2e} of the source run")
-    table = "_table" if results.get("tests") == "table" and out["benchmark_name"] != "digits" else ""
+    table = table_suffix(results.get("tests", "random"), out["benchmark_name"])
     dest = Path("benchmarks/results") / (f"proxy_step_budget_{out['benchmark_name']}{table}_seed{out['seed']}"
                                          f"{teacher_suffix(out['teacher_steps'])}.json")
     dest.write_text(json.dumps(out, indent=1) + "\n")

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from common import teacher_suffix, write_result
+from common import table_suffix, teacher_suffix, write_result
 from scipy.stats import kendalltau
 
 from proxies.quality.base import evaluate
@@ -409,11 +409,9 @@ def validity_report(args, setup, group) -> None:
 def result_name(args, stem: str = "proxy_validity_cosine", seed0: bool = False) -> str:
     """The results file of a run of these options (without ``.json``): the stem, then every option that differs
     from its default, so a run of other options never overwrites the default run's results. ``seed0``: name
-    seed 0 too (the validity files of shapes always carry their seed). A ``--tests table`` run of shapes or shapes2
-    is suffixed ``_table`` (it shares its work folder with the random-test run); digits' table run, the first,
-    kept the plain name."""
+    seed 0 too (the validity files of shapes always carry their seed)."""
     suffix = "" if args.benchmark == "digits" else f"_{args.benchmark}"
-    suffix += "_table" if getattr(args, "tests", "random") == "table" and args.benchmark != "digits" else ""
+    suffix += table_suffix(getattr(args, "tests", "random"), args.benchmark)
     suffix += f"_seed{args.seed}" if args.seed or seed0 else ""
     suffix += "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     suffix += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"

@@ -130,24 +130,16 @@ def top_layers(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, float]]
     return out
 
 
-def refined_fraction(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, float]],
-                     truth: dict[UNetArch, tuple[float, float]], ref: tuple[float, float], optimum: float,
-                     layers: int) -> tuple[float, int]:
-    """The finalists (the first ``layers`` Pareto layers by the search's own values, :func:`top_layers`) trained
-    with the ground-truth protocol and the front picked from them by the ground truth, as a share of the true
-    front's hypervolume, and how many finalists that took (the ground-truth runs it spends after the search).
-    Layer 1 alone equals :func:`found_fraction`: a front's dominated members add no hypervolume."""
-    finalists = top_layers(archs, proxy, layers)
-    return hypervolume([truth[a] for a in finalists], ref) / optimum, len(finalists)
-
-
-def found_fraction(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, float]],
-                   truth: dict[UNetArch, tuple[float, float]], ref: tuple[float, float], optimum: float) -> float:
-    """The search's own front (by its proxy and latency) measured with the ground truth, as a share of the
-    true front's hypervolume."""
-    distinct = list(dict.fromkeys(archs))
-    front = [distinct[i] for i in pareto_indices([proxy[a] for a in distinct])]
-    return hypervolume([truth[a] for a in front], ref) / optimum
+def front_fraction(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, float]],
+                   truth: dict[UNetArch, tuple[float, float]], ref: tuple[float, float], optimum: float,
+                   layers: int = 1) -> tuple[float, int]:
+    """The archs on the first ``layers`` Pareto layers by the search's own values (:func:`top_layers`) measured
+    with the ground truth, as a share of the true front's hypervolume, and how many archs that is. Layer 1 is
+    the search's own front; with more layers these are the finalists trained with the ground-truth protocol and
+    the front picked from them by the ground truth (dominated archs add no hypervolume), at one ground-truth run
+    per finalist after the search."""
+    chosen = top_layers(archs, proxy, layers)
+    return hypervolume([truth[a] for a in chosen], ref) / optimum, len(chosen)
 
 
 def main() -> None:
@@ -212,12 +204,12 @@ def main() -> None:
                 folder.mkdir(exist_ok=True)
                 found = run_search(args.strategy, seed, space_data, args.trials, table, folder, latency_objective)
                 for k in per_seed:
-                    per_seed[k].append(found_fraction(found[: int(k)], table, truth, ref, optimum))
+                    per_seed[k].append(front_fraction(found[: int(k)], table, truth, ref, optimum)[0])
                     if args.refine:
-                        hv, n = refined_fraction(found[: int(k)], table, truth, ref, optimum, args.refine)
+                        hv, n = front_fraction(found[: int(k)], table, truth, ref, optimum, args.refine)
                         refined[k].append(hv)
                         finalists[k].append(n)
-            whole = found_fraction(archs, table, truth, ref, optimum)  # the proxy's front over the whole table
+            whole = front_fraction(archs, table, truth, ref, optimum)[0]  # the proxy's front over the whole table
             results[name] = {
                 "kendall_tau": float(kendalltau(scores, [records[a]["gt"] for a in archs]).statistic),
                 "ground_truth_hypervolume_fraction": per_seed,
