@@ -97,7 +97,7 @@ def proxy_scores(name: str, rows: list[dict], anchors: list[dict]) -> list[float
         fit = anchors[: int(n)]
         model = fit_ridge([feats(r) for r in fit], [r["gt"] for r in fit], names)
         return [float(model.predict(np.array([feature_vector(feats(r), names)]))[0]) for r in rows]
-    raise SystemExit(f"error: --proxies: unknown proxy {name!r}")
+    raise ValueError(f"unknown proxy {name!r}")
 
 
 def run_search(strategy: str, seed: int, space_data: dict[str, Any], trials: int,
@@ -189,12 +189,19 @@ def main() -> None:
     optimum = hypervolume(points, ref)
     true_front = [archs[i] for i in pareto_indices(points)]
 
+    all_scores: dict[str, list[float]] = {}
+    for name in args.proxies:  # every name checked before the first search runs
+        try:
+            all_scores[name] = proxy_scores(name, [records[a] for a in archs], anchors)
+        except (ValueError, KeyError, IndexError) as err:
+            parser.error(f"--proxies: {name}: {err}")
+
     from scipy.stats import kendalltau
 
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as tmp:
         for name in args.proxies:
-            scores = proxy_scores(name, [records[a] for a in archs], anchors)
+            scores = all_scores[name]
             table = {a: (s, lat[a]) for a, s in zip(archs, scores, strict=True)}
             per_seed: dict[str, list[float]] = {str(k): [] for k in sorted(set(args.checkpoints))}
             refined: dict[str, list[float]] = {k: [] for k in per_seed}
