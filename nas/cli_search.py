@@ -34,8 +34,12 @@ def _worker(path: str, storage_url: str, allow_pickle: bool = False, index: int 
     from nas.search.optuna_backend import run_worker
 
     exp = load_experiment(path)
-    run_worker(exp, Evaluator(exp, allow_pickle=allow_pickle).prepare(), storage_url, resume=True,
-               worker=str(index))
+    evaluator = Evaluator(exp, allow_pickle=allow_pickle).prepare()
+    run_worker(exp, evaluator, storage_url, resume=True, worker=str(index))
+    if exp.refine is not None:  # every worker joins the refinement: N workers refine N archs at a time
+        from nas.search.refine import run_refine
+
+        run_refine(exp, evaluator, storage_url)
 
 
 def _log(message: str) -> None:
@@ -85,7 +89,10 @@ def search(
 
         exp.run_dir.mkdir(parents=True, exist_ok=True)
         study = run_ray(exp, file, storage_url, resume, log=_log, allow_pickle=allow_pickle)
-        _finish(exp, study, storage_url, evaluator.prepare())
+        evaluator.prepare()
+        if exp.refine is not None:  # on the driver, one arch at a time (see "Refining the finalists")
+            _refine(exp, evaluator, storage_url, _log)
+        _finish(exp, study, storage_url, evaluator)
         _warn_untrusted(exp)  # the profile was measured by a Ray worker: say it here too
         return
 
@@ -98,6 +105,10 @@ def search(
         exp.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         study = open_study(exp, make_storage(storage_url, exp), resume)
+        if exp.refine is not None and resume:  # refined at another fidelity: refuse before the search goes on
+            from nas.search.refine import check_fidelity, load_refine_study
+
+            check_fidelity(exp, load_refine_study(exp, study._storage))
     except ConfigError as exc:
         raise (exc if storage is not None else _in_file(exc, file)) from None
     exp.run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +158,11 @@ def search(
                        log=lambda line: progress.console.print(scrub(line), style="dim"))
         except KeyboardInterrupt:
             interrupted = True
+        if exp.refine is not None and not interrupted:
+            try:
+                _refine(exp, evaluator, storage_url, lambda line: progress.console.print(scrub(line), style="dim"))
+            except KeyboardInterrupt:
+                interrupted = True
     for p in procs:
         if interrupted:
             p.terminate()
@@ -155,6 +171,21 @@ def search(
     if interrupted:
         console.print(f"stopped; continue with: unet-nas search {file} --resume")
         raise typer.Exit(130)
+
+
+def _refine(exp: Experiment, evaluator: Any, storage_url: str, log: Any) -> None:
+    """Refine the finished search's finalists (``refine`` in the experiment), one line per refined arch."""
+    from nas.search.refine import run_refine
+
+    def on_trial(_study: Any, t: Any) -> None:
+        if t.value is not None:
+            dup = f", reused from refinement {t.user_attrs['duplicate_of']}" if "duplicate_of" in t.user_attrs else ""
+            log(f"refined trial {t.user_attrs.get('source_trial')}: {t.value:.6g} "
+                f"({t.user_attrs.get('seconds', 0):.1f} s{dup})")
+        elif "error" in t.user_attrs:
+            log(f"refinement of trial {t.user_attrs.get('source_trial')} failed: {t.user_attrs['error']}")
+
+    run_refine(exp, evaluator, storage_url, log=log, on_trial=on_trial)
 
 
 def _finish(exp: Experiment, study: Any, storage_url: str, evaluator: Any) -> None:
@@ -173,6 +204,12 @@ def _finish(exp: Experiment, study: Any, storage_url: str, evaluator: Any) -> No
                   f"failed" + (f", {running} still running or queued in other workers, which rewrite the report "
                                "when they stop" if running else "")
                   + f"), {facts['pareto']} Pareto-optimal; report in {exp.run_dir}/summary.md")
+    refined = facts.get("refined")
+    if refined is not None:
+        console.print(f"refined {refined['refined']} of {len(refined['candidates'])} finalists"
+                      + (f", {len(refined['pending'])} pending" if refined["pending"] else "")
+                      + (f"; best refined: trial {refined['best']} (best/refined.yaml)" if refined["best"] is not None
+                         else ""))
 
 
 def _references(exp: Experiment, evaluator: Any) -> tuple[dict[str, dict[str, float]], list[str]]:

@@ -161,6 +161,23 @@ class RayOptions(_Strict):
     asha: AshaOptions | None = None  # needs a short_train quality objective
 
 
+class RefineSpec(_Strict):
+    """Train the search's finalists again at a higher fidelity once the budget is spent.
+
+    A short proxy orders archs by how they look after a few steps, and an arch whose inheritance breaks can look
+    worse there than where training ends (``benchmarks/search_quality.py``: on one of three 64-arch tables every
+    16-20-step proxy missed 8% of the true front's hypervolume, and training the first two Pareto layers to the
+    ground truth recovered it). So the first ``layers`` non-dominated layers of the feasible trials are scored
+    again with ``proxy`` and ``options`` (by default the objective's own proxy, with these options), and the
+    report's refined front and ``best/refined.yaml`` use those values."""
+
+    objective: str | None = Field(None, description="the quality objective to refine (default: the first one)")
+    proxy: str | None = Field(None, description="the higher-fidelity proxy (default: the objective's proxy)")
+    options: dict[str, Any] = Field(default_factory=dict, description="its options, e.g. {steps: 200}")
+    layers: int = Field(2, ge=1, description="non-dominated layers of the feasible trials to refine")
+    max_archs: int | None = Field(None, ge=1, description="refine at most this many archs (first layers first)")
+
+
 class Experiment(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -181,6 +198,7 @@ class Experiment(_Strict):
     heartbeat_interval: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
     heartbeat_grace: int = Field(30, ge=2, description="a trial silent this long belongs to a dead worker")
     max_retries: int = Field(2, ge=0, description="retries of a trial whose worker died")
+    refine: RefineSpec | None = None
 
     @field_validator("storage")
     @classmethod
@@ -206,6 +224,13 @@ class Experiment(_Strict):
                 o.kind == "quality" and o.proxy == "short_train" for o in self.objectives):
             raise ConfigError("ASHA stops trials on a short_train quality objective's intermediate loss; add one "
                               "or remove ray.asha", field="ray.asha")
+        if self.refine is not None:
+            quality = [o.name for o in self.objectives if o.kind == "quality"]
+            if not quality:
+                raise ConfigError("refine retrains a quality objective; this experiment has none", field="refine")
+            if self.refine.objective is not None and self.refine.objective not in quality:
+                raise ConfigError(f"{self.refine.objective!r} is not a quality objective (quality objectives: "
+                                  f"{', '.join(quality)})", field="refine.objective")
         for i, o in enumerate(self.objectives):
             if o.kind == "quality" and self.data is None:
                 raise ConfigError("a quality objective needs data: digits, a cache folder or a sharded dataset",
@@ -221,6 +246,14 @@ class Experiment(_Strict):
             return self.run_dir / value.removeprefix("{run_dir}").lstrip("/")
         p = Path(os.path.expanduser(value))
         return p if p.is_absolute() else Path(self.base_dir) / p
+
+    @property
+    def refined_objective(self) -> Objective | None:
+        """The quality objective ``refine`` retrains, or None without ``refine``."""
+        if self.refine is None:
+            return None
+        name = self.refine.objective
+        return next(o for o in self.objectives if o.kind == "quality" and (name is None or o.name == name))
 
     @property
     def run_dir(self) -> Path:

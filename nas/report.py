@@ -7,6 +7,8 @@
   objective);
 * ``best/all.yaml``: the best arch on the first objective among the trials meeting *every* constraint, and
   ``best/<objective>.yaml`` the one lowest on each objective (none when no trial meets every constraint);
+* ``refined.json`` and ``best/refined.yaml`` when the experiment refines its finalists (:mod:`nas.search.refine`):
+  every refined finalist with its search and refined value, the refined front, and the refined best;
 * ``summary.md``.
 
 Every file is written to a temporary name and renamed, and storage URLs are redacted (``user:***@host``).
@@ -71,6 +73,7 @@ def write_report(run_dir: Path, exp: Experiment, study: optuna.Study, storage_ur
 
     best = best_feasible(names, feasible)
     _write_best(run_dir, exp, names, best)
+    refined = _write_refined(run_dir, exp, study, names)
 
     if complete:
         write_pareto_plots(run_dir, names, complete, front, references, constraint_bounds(exp, complete),
@@ -83,9 +86,55 @@ def write_report(run_dir: Path, exp: Experiment, study: optuna.Study, storage_ur
 
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     facts = {"trials": len(trials), "states": states, "feasible": len(feasible), "pareto": len(front),
-             "best": {k: t.number for k, t in best.items()}, "kinds": account(trials)}
+             "best": {k: t.number for k, t in best.items()}, "kinds": account(trials), "refined": refined}
     atomic_write(run_dir / "summary.md", _summary_md(exp, storage_url, trials, front, best, references, facts,
                                                      notes or []))
+    return facts
+
+
+def _write_refined(run_dir: Path, exp: Experiment, study: optuna.Study, names: list[str]) -> dict[str, Any] | None:
+    """``refined.json`` and ``best/refined.yaml`` from the run's refine study (see :mod:`nas.search.refine`);
+    the facts for the summary, or None when the experiment does not refine. Runs after ``_write_best``, which
+    removes a ``refined.yaml`` left by an earlier report."""
+    if exp.refine is None:
+        return None
+    from nas.search.accounting import account
+    from nas.search.refine import (
+        arch_key,
+        best_refined,
+        candidates,
+        fidelity,
+        load_refine_study,
+        refined_front,
+        refined_rows,
+    )
+
+    cands = candidates(exp, study)
+    refine = load_refine_study(exp, study._storage)
+    trials = refine.get_trials(deepcopy=False) if refine is not None else []
+    rows = refined_rows(exp, study, refine) if refine is not None else []
+    done = {r["source_trial"] for r in rows}
+    errors = {arch_key(t) for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs}
+    pending = [t.number for t, _ in cands if t.number not in done and arch_key(t) not in errors]
+    front = refined_front(names, rows)
+    best = best_refined(names, rows)
+    spec = refine.user_attrs.get("fidelity", fidelity(exp)) if refine is not None else fidelity(exp)
+    kinds = account(trials)
+    kinds["empty"] = sum("empty" in t.user_attrs for t in trials)
+    facts = {"fidelity": spec, "layers": exp.refine.layers, "max_archs": exp.refine.max_archs,
+             "candidates": [t.number for t, _ in cands], "pending": pending, "refined": len(rows),
+             "front": [r["source_trial"] for r in front], "best": None if best is None else best["source_trial"],
+             "trials": kinds, "rows": rows,
+             "failed": [{"refine_trial": t.number, "source_trial": t.user_attrs.get("source_trial"),
+                         "error": scrub(str(t.user_attrs["error"]))} for t in trials
+                        if t.state == TrialState.FAIL and "error" in t.user_attrs]}
+    atomic_write(run_dir / "refined.json", json.dumps({"experiment": exp.name, "objectives": names, **facts},
+                                                      indent=2) + "\n")
+    if best is not None:
+        header = (f"# best {names[0]} of experiment {exp.name} among its refined finalists ({spec['objective']} "
+                  f"retrained with {spec['proxy']} {spec['options']}): trial {best['source_trial']}, "
+                  + ", ".join(f"{n} {v:.6g}" for n, v in best["values"].items()) + "\n")
+        atomic_write(run_dir / "best" / "refined.yaml", header + UNetArch.from_dict(best["arch"]).to_yaml())
     return facts
 
 
@@ -207,11 +256,48 @@ def _summary_md(exp: Experiment, storage_url: str, trials: list[FrozenTrial], fr
         lines += ["", "## Reference archs", "", "| arch | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [f"| {n} | " + " | ".join(f"{v[k]:.6g}" if k in v else "-" for k in names) + " |"
                   for n, v in references.items()]
+    lines += _refined_md(names, facts.get("refined"))
     lines += _trouble_md(trials)
-    lines += ["", "Files: trials.csv, pareto.json, pareto.png, pareto.html, latency_breakdown.png, best/*.yaml. "
+    lines += ["", "Files: trials.csv, pareto.json, pareto.png, pareto.html, latency_breakdown.png, best/*.yaml"
+              + (", refined.json" if facts.get("refined") is not None else "") + ". "
               "Browse the study with `optuna-dashboard` on the storage URL above (`optuna.load_study` takes it too; "
               "constraints are in each trial's `constraints` system attribute).", ""]
     return "\n".join(lines)
+
+
+def _refined_md(names: list[str], refined: dict[str, Any] | None) -> list[str]:
+    """The refined finalists: what was retrained how, every row with the search's and the refined value, the
+    refined front and best, and what is still pending or failed."""
+    if refined is None:
+        return []
+    spec, kinds = refined["fidelity"], refined["trials"]
+    q = spec["objective"]
+    opts = ", ".join(f"{k}: {v}" for k, v in spec["options"].items()) or "its own options"
+    lines = ["", "## Refined finalists", "",
+             f"`{q}` scored again with `{spec['proxy']}` ({opts}) on the first {refined['layers']} Pareto layer"
+             + ("s" if refined["layers"] > 1 else "") + " of the feasible trials"
+             + (f" (at most {refined['max_archs']} archs)" if refined["max_archs"] else "")
+             + f": {len(refined['candidates'])} finalists, {refined['refined']} refined, "
+             f"{len(refined['pending'])} pending, {kinds['errors']} failed by their own error, {kinds['lost']} lost "
+             f"(retried {kinds['retried']}), {kinds['duplicates']} duplicates (a refinement reused), "
+             f"{kinds['empty']} empty (nothing left to take).", ""]
+    if refined["pending"]:
+        lines += ["Not all finalists are refined yet (the search was stopped during refinement): continue with "
+                  "`unet-nas search <experiment> --resume`.", ""]
+    if refined["best"] is not None:
+        lines += [f"Best refined (first objective): trial {refined['best']} (best/refined.yaml).", ""]
+    if refined["rows"]:
+        others = [n for n in names if n != q]
+        lines += [f"| trial | layer | {q} (search) | {q} (refined) | " + " | ".join(others)
+                  + " | refined front | arch |", "|---|---|---|---|" + "---|" * len(others) + "---|---|"]
+        front = set(refined["front"])
+        for r in sorted(refined["rows"], key=lambda r: (r["values"][q], r["source_trial"])):
+            lines.append(f"| {r['source_trial']} | {r['layer']} | {r['search_value']:.6g} | {r['values'][q]:.6g} | "
+                         + " | ".join(f"{r['values'][n]:.6g}" for n in others)
+                         + f" | {'yes' if r['source_trial'] in front else ''} | `{r['arch_summary']}` |")
+    for f in refined["failed"]:
+        lines.append(f"- refinement of trial {f['source_trial']} failed: {f['error']}")
+    return lines
 
 
 def _with_driver(url: str) -> str:

@@ -230,6 +230,7 @@ def test_the_quickstart_runs_on_the_two_node_cluster(cluster, tmp_path):
     data["ray"]["address"] = cluster
     data["budget"] = {"trials": 4, "wall_time": 900}
     data["teacher"]["train_steps"] = 40
+    data["refine"] = {**data["refine"], "max_archs": 2, "options": {**data["refine"]["options"], "steps": 10}}
     data["output_dir"] = str(tmp_path / "runs")
     path = tmp_path / "quickstart_ray.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -241,6 +242,9 @@ def test_the_quickstart_runs_on_the_two_node_cluster(cluster, tmp_path):
     trials = _study(tmp_path, "quickstart_ray").get_trials()
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 4
     assert all(t.values[0] >= 0 for t in trials if t.state == TrialState.COMPLETE)  # held-out KD loss
+    refined = json.loads((run / "refined.json").read_text())  # the driver refined the first finalists
+    assert refined["refined"] == len(refined["candidates"]) == 2 and refined["pending"] == []
+    assert (run / "best" / "refined.yaml").is_file()
 
 
 def _raylet_of(node_manager_port: int) -> int:

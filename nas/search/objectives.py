@@ -60,6 +60,7 @@ class Evaluator:
         self._ctx = None
         self._predictors: dict[str, Any] = {}
         self._proxies: dict[str, Any] = {}
+        self._refine_proxy: Any = None
         self._reference_values: dict[str, dict[str, float]] = {}
 
     # ---- one-time preparation -------------------------------------------------------------------------------
@@ -69,6 +70,8 @@ class Evaluator:
         for obj in self.exp.objectives:
             if obj.kind == "quality":
                 self._make_proxy(obj)
+        if self.exp.refine is not None:
+            self._make_refine_proxy()
         for i, c in enumerate(self.exp.constraints):
             if c.of is not None and not Path(c.of).exists():
                 try:
@@ -98,6 +101,12 @@ class Evaluator:
                     proxy.fit(ctx)  # done by one process of the machine while the others wait for it
             elif obj.kind == "latency":
                 self._predictors[obj.name] = self._predictor(obj)
+        if self.exp.refine is not None:
+            ctx = self._quality_context()
+            proxy = self._refine_proxy = self._make_refine_proxy()
+            if hasattr(proxy, "fit"):
+                self.log(f"refine: one-time work of the {proxy.name} proxy (cached, resumable)")
+                proxy.fit(ctx)
         for c in self.exp.constraints:
             if c.of and c.of not in self._reference_values:
                 ref = load_arch(c.of) if Path(c.of).exists() else get_arch(c.of)
@@ -112,6 +121,28 @@ class Evaluator:
         except ConfigError as exc:
             idx = self.exp.objectives.index(obj)
             raise ConfigError(exc.message, field=f"objectives[{idx}].{exc.field or 'proxy'}") from None
+
+    def _make_refine_proxy(self) -> Any:
+        """The proxy ``refine`` scores the finalists with: its own name and options, else the objective's proxy
+        with ``refine.options``. Bad options are located under ``refine``."""
+        from proxies.quality import make_proxy
+
+        from proxies.quality import PROXIES
+
+        spec, obj = self.exp.refine, self.exp.refined_objective
+        if spec.proxy is not None and spec.proxy not in PROXIES:
+            raise ConfigError(f"unknown quality proxy {spec.proxy!r} (known: {', '.join(PROXIES)})",
+                              field="refine.proxy")
+        try:
+            return make_proxy(spec.proxy or obj.proxy, **spec.options)
+        except ConfigError as exc:  # a bad value names its option; an unknown option, the options
+            where = exc.field if exc.field and exc.field != "proxy" else None
+            raise ConfigError(exc.message, field="refine.options" + (f".{where}" if where else "")) from None
+
+    def refined_quality(self, arch: UNetArch) -> float:
+        """The refined objective's value for ``arch`` at the higher fidelity of ``refine`` (after
+        :meth:`prepare`)."""
+        return float(self._refine_proxy(arch, self._ctx).score)
 
     def _quality_context(self) -> Any:
         if self._ctx is not None:
