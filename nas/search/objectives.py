@@ -125,9 +125,7 @@ class Evaluator:
     def _make_refine_proxy(self) -> Any:
         """The proxy ``refine`` scores the finalists with: its own name and options, else the objective's proxy
         with ``refine.options``. Bad options are located under ``refine``."""
-        from proxies.quality import make_proxy
-
-        from proxies.quality import PROXIES
+        from proxies.quality import PROXIES, make_proxy
 
         spec, obj = self.exp.refine, self.exp.refined_objective
         if spec.proxy is not None and spec.proxy not in PROXIES:
