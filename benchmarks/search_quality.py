@@ -18,7 +18,9 @@ reruns from a clean checkout.
    the true front).
 4. ``--refine N`` (2): the same for the finalists, the search's archs on the first N Pareto layers of its own
    values, trained to the ground truth, the front then picked by the ground truth: budget spent unevenly, one
-   full run per finalist (counted in ``refined_finalists``).
+   full run per finalist (counted in ``refined_finalists``). At the full budget the product's own refinement
+   (``refine: {layers: N}``, :func:`nas.search.refine.run_refine`, its refined value the table's ground truth)
+   runs after each search; ``product_refine`` records that it refined exactly these finalists.
 
     python benchmarks/search_quality.py    # digits, seed 0: benchmarks/results/proxy_validity_cosine.json
     python benchmarks/search_quality.py \
@@ -45,6 +47,7 @@ from search_efficiency import LATENCY_OBJECTIVE, QUALITY, TableEvaluator, hyperv
 from nas.experiment import Experiment
 from nas.report import pareto_indices
 from nas.search.optuna_backend import run_worker
+from nas.search.refine import nondominated_layers, refined_rows, run_refine
 from proxies.benchmark import get_benchmark
 from proxies.latency import Settings
 from proxies.latency.roofline import RooflinePredictor, load_spec
@@ -100,34 +103,52 @@ def proxy_scores(name: str, rows: list[dict], anchors: list[dict]) -> list[float
     raise ValueError(f"unknown proxy {name!r}")
 
 
+class RefineTableEvaluator(TableEvaluator):
+    """The table evaluator whose refined value (``refine``) is the arch's ground truth: what training a finalist
+    with the ground-truth protocol returns, looked up."""
+
+    def __init__(self, exp: Experiment, table: dict[UNetArch, tuple[float, float]],
+                 truth: dict[UNetArch, tuple[float, float]]):
+        super().__init__(exp, table)
+        self.truth = truth
+
+    def refined_quality(self, arch: UNetArch) -> float:
+        return self.truth[arch][0]
+
+
 def run_search(strategy: str, seed: int, space_data: dict[str, Any], trials: int,
-               table: dict[UNetArch, tuple[float, float]], folder: Path, latency: dict[str, Any]) -> list[UNetArch]:
-    """One search through the project's ``run_worker``; the archs of its completed trials in trial order."""
+               table: dict[UNetArch, tuple[float, float]], folder: Path, latency: dict[str, Any],
+               truth: dict[UNetArch, tuple[float, float]], refine: int) -> tuple[list[UNetArch], list[UNetArch]]:
+    """One search through the project's ``run_worker``, then (``refine`` > 0) its refinement through
+    ``run_refine``: the archs of its completed trials in trial order, and the archs it refined."""
     exp = Experiment.model_validate({
         "name": f"{strategy}_{seed}", "seed": seed, "space": space_data, "data": "digits",
         "objectives": [{"name": QUALITY, "kind": "quality", "proxy": "distill", "options": {"steps": 0}}, latency],
         "strategy": {"name": strategy, "population": 10, "prefilter": 8},
         "budget": {"trials": trials}, "output_dir": str(folder), "base_dir": str(folder),
+        **({"refine": {"layers": refine}} if refine else {}),
     })
     exp.cross_check()
     url = f"sqlite:///{folder / f'{strategy}_{seed}.db'}"
-    study = run_worker(exp, TableEvaluator(exp, table), url, resume=False)
+    evaluator = RefineTableEvaluator(exp, table, truth)
+    study = run_worker(exp, evaluator, url, resume=False)
     done = sorted((t for t in study.trials if t.values is not None), key=lambda t: t.number)
     if len(done) != trials:  # a table lookup cannot fail: a failed trial is a broken benchmark
         errors = {t.user_attrs.get("error") for t in study.trials if t.values is None}
         raise RuntimeError(f"{strategy} seed {seed}: {len(done)} of {trials} trials completed: {errors}")
-    return [UNetArch.from_dict(t.user_attrs["arch"]) for t in done]
+    refined: list[UNetArch] = []
+    if refine:
+        rows = refined_rows(exp, study, run_refine(exp, evaluator, url))
+        refined = [UNetArch.from_dict(r["arch"]) for r in rows]
+    return [UNetArch.from_dict(t.user_attrs["arch"]) for t in done], refined
 
 
 def top_layers(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, float]], layers: int) -> list[UNetArch]:
     """The search's distinct archs on the first ``layers`` Pareto layers of its own (proxy, latency) values
-    (non-dominated sorting, as NSGA-II ranks): layer 1 is its front, layer 2 the front of the rest, ..."""
-    rest, out = list(dict.fromkeys(archs)), []
-    for _ in range(layers):
-        layer = [rest[i] for i in pareto_indices([proxy[a] for a in rest])] if rest else []
-        out += layer
-        rest = [a for a in rest if a not in layer]
-    return out
+    (non-dominated sorting, as NSGA-II ranks and ``refine`` picks): layer 1 is its front, layer 2 the front of the
+    rest, ..."""
+    rest = list(dict.fromkeys(archs))
+    return [rest[i] for layer in nondominated_layers([proxy[a] for a in rest])[:layers] for i in layer]
 
 
 def front_fraction(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, float]],
@@ -206,10 +227,14 @@ def main() -> None:
             per_seed: dict[str, list[float]] = {str(k): [] for k in sorted(set(args.checkpoints))}
             refined: dict[str, list[float]] = {k: [] for k in per_seed}
             finalists: dict[str, list[int]] = {k: [] for k in per_seed}
+            product: list[bool] = []
             for seed in range(args.seeds):
                 folder = Path(tmp) / name.replace("/", "_")
                 folder.mkdir(exist_ok=True)
-                found = run_search(args.strategy, seed, space_data, args.trials, table, folder, latency_objective)
+                found, by_product = run_search(args.strategy, seed, space_data, args.trials, table, folder,
+                                               latency_objective, truth, args.refine)
+                if args.refine:  # the product refined exactly the finalists this study measures at the full budget
+                    product.append(set(by_product) == set(top_layers(found, table, args.refine)))
                 for k in per_seed:
                     per_seed[k].append(front_fraction(found[: int(k)], table, truth, ref, optimum)[0])
                     if args.refine:
@@ -226,6 +251,12 @@ def main() -> None:
                 results[name]["refined_hypervolume_fraction"] = refined
                 results[name]["refined_mean"] = {k: float(np.mean(v)) for k, v in refined.items()}
                 results[name]["refined_finalists"] = finalists
+                results[name]["product_refine"] = {
+                    "same_finalists_as_measured": product,
+                    "what": f"run_refine after each {args.trials}-trial search refined the same archs as the "
+                            f"first {args.refine} Pareto layers measured above (one entry per seed)"}
+                if not all(product):
+                    raise RuntimeError(f"{name}: the product's refinement chose other finalists: {product}")
             print(f"{name:32s} tau {results[name]['kendall_tau']:5.2f}  " + "  ".join(
                 f"HV@{k} {np.mean(v):.3f}±{np.std(v):.3f}" for k, v in per_seed.items()) +
                 f"  (whole-table front {whole:.3f})" + ("  refined " + "  ".join(
