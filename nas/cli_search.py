@@ -89,10 +89,7 @@ def search(
 
         exp.run_dir.mkdir(parents=True, exist_ok=True)
         study = run_ray(exp, file, storage_url, resume, log=_log, allow_pickle=allow_pickle)
-        evaluator.prepare()
-        if exp.refine is not None:  # on the driver, one arch at a time (see "Refining the finalists")
-            _refine(exp, evaluator, storage_url, _log)
-        _finish(exp, study, storage_url, evaluator)
+        _finish(exp, study, storage_url, evaluator.prepare())
         _warn_untrusted(exp)  # the profile was measured by a Ray worker: say it here too
         return
 

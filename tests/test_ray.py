@@ -209,6 +209,25 @@ def test_a_diverging_trial_errors_in_ray_and_is_fail_with_its_reason(cluster, tm
     assert len(results) == 2  # errored Ray trials
 
 
+def test_a_failing_refinement_on_ray_is_recorded_with_its_reason_and_not_repeated(cluster, tmp_path):
+    # the search's proxy is sound; the refinement diverges (lr 1e30) in every Ray task
+    exp = {"data": "digits", "budget": {"trials": 3, "wall_time": 900},
+           "objectives": [{"name": "quality", "kind": "quality", "proxy": "short_train",
+                           "options": {"steps": 2, "eval_every": 0}},
+                          {"name": "params", "kind": "params"}],
+           "refine": {"layers": 1, "max_archs": 1, "options": {"steps": 3, "lr": 1e30, "eval_every": 0}}}
+    path = _experiment(tmp_path, "refail", cluster, **exp)
+    assert "refinement of trial" in _search(str(path)).output
+    run = tmp_path / "runs" / "refail"
+    refined = json.loads((run / "refined.json").read_text())
+    assert refined["refined"] == 0 and refined["pending"] == [] and refined["trials"]["errors"] == 1
+    assert refined["failed"][0]["error"].startswith("FloatingPointError: training loss became")
+    assert not (run / "best" / "refined.yaml").exists()
+    _search(str(path), "--resume")  # a refinement that failed by its own error is not run again
+    refine = optuna.load_study(study_name="refail.refine", storage=f"sqlite:///{run / 'study.db'}")
+    assert [t.state for t in refine.trials] == [TrialState.FAIL]
+
+
 def test_asha_without_short_train_is_one_config_error(tmp_path):
     exp = {"name": "bad", "space": str(SPACE), "backend": "ray", "output_dir": str(tmp_path / "runs"),
            "objectives": [{"name": "params", "kind": "params"}], "budget": {"trials": 2},
@@ -245,6 +264,9 @@ def test_the_quickstart_runs_on_the_two_node_cluster(cluster, tmp_path):
     refined = json.loads((run / "refined.json").read_text())  # the driver refined the first finalists
     assert refined["refined"] == len(refined["candidates"]) == 2 and refined["pending"] == []
     assert (run / "best" / "refined.yaml").is_file()
+    refine = optuna.load_study(study_name="quickstart_ray.refine", storage=f"sqlite:///{run / 'study.db'}")
+    done = [t for t in refine.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 2 and all("node" in t.user_attrs and "pid" in t.user_attrs for t in done)  # Ray tasks
 
 
 def _raylet_of(node_manager_port: int) -> int:

@@ -21,7 +21,10 @@ How it fits together (all storage writes happen on the driver, so only the drive
   attributes). So the searcher leaves an errored trial RUNNING and the callback, which Ray calls right after
   with the ``Trial`` object, writes ``error`` (the exception's type and message) and then FAIL.
 
-Known limits (also in docs/ray.md):
+* With ``refine``, the finalists are refined as Ray tasks with the trials' resources once the search is done
+  (:mod:`.ray_refine`), the driver again the only one writing to the storage.
+
+Known limits (also in the README, "Searching on a Ray cluster"):
 
 * Optuna heartbeats do not apply: trials are created by ``study.ask()`` on the driver and no heartbeat thread
   runs. A lost worker or node is handled by Ray instead: ``FailureConfig(max_failures)`` restarts the trial
@@ -115,6 +118,10 @@ def run_ray(exp: Experiment, file: str | Path, storage_url: str, resume: bool,
     try:
         storage = _storage(storage_url)
         study = open_study(exp, storage, resume)
+        if resume and exp.refine is not None:  # refined at another fidelity: refuse before the search goes on
+            from .refine import check_fidelity, load_refine_study
+
+            check_fidelity(exp, load_refine_study(exp, storage))
         _save_experiment(exp)
         _DRIVER[exp.name] = {"evaluator": evaluator, "storage": storage, "log": log,
                              "evolution": Evolution(exp, evaluator.space, evaluator)
@@ -134,6 +141,11 @@ def run_ray(exp: Experiment, file: str | Path, storage_url: str, resume: bool,
                 f"at most {exp.ray.max_concurrent} at once" + (f", ASHA on {quality}" if quality else ""))
             _tuner(exp, evaluator, storage, trainable, ray_dir, f"search_{len(previous):03d}", remaining, left,
                    quality).fit()
+        if exp.refine is not None:  # the finalists, as Ray tasks, while Ray is still connected
+            from .ray_refine import refine_on_ray
+
+            refine_on_ray(exp, evaluator, storage, exp_data, started, log, allow_pickle,
+                          _fail_orphans if resume else None)
     finally:
         _DRIVER.pop(exp.name, None)
         _disconnect()

@@ -86,3 +86,15 @@ def _evaluate(exp: Experiment, evaluator: Evaluator, arch: UNetArch) -> tuple[di
 
     ev = evaluator(arch, report=report)
     return ev.values, ev.constraints, ev.seconds
+
+
+def _refine_task(exp_data: dict[str, Any], arch: dict[str, Any], allow_pickle: bool = False) -> dict[str, Any]:
+    """One refinement (``refine``) as a Ray task on a worker: the arch's refined quality, what it cost and where it
+    ran. Raises (so the driver records the error) on any failure."""
+    import time
+
+    exp = Experiment.model_validate(exp_data)
+    evaluator = _worker_evaluator(exp, allow_pickle)  # prepares the refine proxy too (and keeps it loaded)
+    start = time.perf_counter()
+    value = evaluator.refined_quality(UNetArch.from_dict(arch))
+    return {"value": value, "seconds": time.perf_counter() - start, **_where()}
