@@ -13,6 +13,10 @@ teacher has not got there, a resampler of a stage that changes resolution) start
     python benchmarks/proxy_validity_cosine.py --part all --benchmark shapes --seed 1 --archs 12 \\
         --repeat 4 --new-modules identity          # at least the design jobs and the test archs' features
     python benchmarks/proxy_identity_init.py --benchmark shapes --seed 1 --archs 12
+    # shapes2's 64-arch table, on the fresh run's teacher (bit for bit), no test ground truth needed
+    python benchmarks/proxy_validity_cosine.py --part proxies --tests table --benchmark shapes2 --seed 0 \
+        --new-modules identity --teacher-from runs/proxy_validity_cosine_shapes2_seed0_teacher4000   # (x2)
+    python benchmarks/proxy_identity_init.py --benchmark shapes2 --seed 0 --tests table
 
 Writes ``benchmarks/results/proxy_identity_init_BENCHMARK_seedN.json``.
 """
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import teacher_suffix, write_result
+from common import table_suffix, teacher_suffix, write_result
 from proxy_validity_cosine import setup
 from proxy_validity_report import _proxies, short_cosine_runs, tau
 
@@ -51,13 +55,18 @@ def main() -> None:
     parser.add_argument("--archs", type=int, default=24)
     parser.add_argument("--gt-steps", type=int, default=200)
     parser.add_argument("--long-factor", type=int, default=5)
+    parser.add_argument("--tests", choices=("random", "table"), default="random",
+                        help="test archs: --archs random ones, or the benchmark's 64-arch table")
     args = parser.parse_args()
     teacher_steps = TEACHER_STEPS[args.benchmark]
-    fresh = Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}{teacher_suffix(teacher_steps)}"
-    identity = Path(f"{fresh}_identity")
-    setup_args = argparse.Namespace(benchmark=args.benchmark, seed=args.seed, archs=args.archs, tests="random",
+    # the work folders proxy_validity_cosine.py names: the identity suffix comes before the teacher's
+    stem = Path("runs") / f"proxy_validity_cosine_{args.benchmark}_seed{args.seed}"
+    fresh = Path(f"{stem}{teacher_suffix(teacher_steps)}")
+    identity = Path(f"{stem}_identity{teacher_suffix(teacher_steps)}")
+    setup_args = argparse.Namespace(benchmark=args.benchmark, seed=args.seed,
+                                    archs=0 if args.tests == "table" else args.archs, tests=args.tests,
                                     validate=10, teacher_steps=teacher_steps, batch=32, new_modules="identity",
-                                    work=identity, gt_lr=1e-3)
+                                    work=identity, gt_lr=1e-3, device="cpu", teacher_from=fresh)
     torch.set_num_threads(1)
     _, space, anchors, tests = setup(setup_args)
 
@@ -106,7 +115,8 @@ def main() -> None:
     for key in ("n_design", "identity_vs_fresh_gt_tau", "identity_gt_lower_share", "identity_gt_mean_change",
                 "fresh_gt_validity_tau", "identity_gt_vs_fresh_long_tau", "n_with_long"):
         print(f"{key}: {out[key]}")
-    print(f"wrote {write_result(f'proxy_identity_init_{args.benchmark}_seed{args.seed}', out)}")
+    name = f"proxy_identity_init_{args.benchmark}{table_suffix(args.tests, args.benchmark)}_seed{args.seed}"
+    print(f"wrote {write_result(name, out)}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ both, optionally ``--mid-steps``; ``--spread N`` adds N archs picked over the ra
 :func:`spread_archs`), ``--part signals`` every validity arch's cheap signals, and ``--part validity-report``
 writes it to ``proxy_gt_validity_BENCHMARK_seedN.json``;
 ``--new-modules identity`` starts what the teacher lacks as the identity in every run (ground truth and
-proxies, work folder ``..._identity``); ``--part report`` analyses whatever is finished. ``--tests table``:
+proxies, work folder ``..._identity``), ``--part proxies`` runs what ``proxy_identity_init.py`` compares (the
+design archs' jobs and the test archs' proxies, no test ground truth) and ``--teacher-from`` copies another work
+folder's teacher; ``--part report`` analyses whatever is finished. ``--tests table``:
 the test archs are every arch of the benchmark's 64-arch sub-space of :func:`table_space` (the search-quality study's
 table; results file suffixed ``_table`` except on digits) instead of ``--archs`` random ones; each test and design
 arch also gets the short cosine runs of ``short_cosine_runs`` (4% and 8% of ``--gt-steps``). ``--device cuda`` trains
@@ -121,6 +123,9 @@ def setup(args) -> tuple[QualityContext, SearchSpace, list[UNetArch], list[UNetA
     args.work.mkdir(parents=True, exist_ok=True)
     with open(args.work / "teacher.lock", "a") as lock:  # one process trains it, the others wait and load it
         fcntl.flock(lock, fcntl.LOCK_EX)
+        source = getattr(args, "teacher_from", None)
+        if not (saved / "config.json").is_file() and source is not None:  # another run's teacher, bit for bit
+            save_pretrained(load_unet(source / "teacher"), saved)
         if not (saved / "config.json").is_file():  # every process then loads the saved one: the same teacher
             print(f"training the teacher ({args.teacher_steps} steps)...", flush=True)
             teacher = ctx.build(get_arch(bench.teacher), seed=args.seed)
@@ -188,6 +193,24 @@ def claim(args, name: str):
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_proxies(args) -> None:
+    """The proxies' runs without the test archs' ground truths: every design arch's ground truth, features and
+    short cosine runs (the surrogates' anchors), then every test arch's features and short cosine runs, each
+    claimed. What ``proxy_identity_init.py`` needs of an identity run: it judges the test archs by the fresh
+    run's ground truth (``--teacher-from`` that run's work folder gives both the same teacher)."""
+    ctx, _, anchors, tests = setup(args)
+    jobs = [(f"design-{i}", lambda a=a: (gt(args, ctx, a, args.gt_steps, args.seed), features(args, ctx, a),
+                                          short_cosine(args, ctx, a))) for i, a in enumerate(anchors)]
+    jobs += [(f"proxies-{i}", lambda a=a: (features(args, ctx, a), short_cosine(args, ctx, a)))
+             for i, a in enumerate(tests)]
+    for name, job in jobs:
+        with claim(args, name) as mine:
+            if mine:
+                t = time.perf_counter()
+                job()
+                print(f"{name}: {time.perf_counter() - t:.0f}s", flush=True)
 
 
 def run_all(args) -> None:
@@ -324,7 +347,8 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", required=True,
-                        choices=("all", "main", "design", "long", "validity", "signals", "validity-report", "report"),
+                        choices=("all", "main", "design", "long", "validity", "signals", "proxies",
+                                 "validity-report", "report"),
                         help="all: every job, shareable by several processes on one work folder")
     parser.add_argument("--tests", choices=("random", "table"), default="random",
                         help="test archs: --archs random ones, or all 64 of the benchmark's table sub-space")
@@ -355,6 +379,9 @@ if __name__ == "__main__":
                         help="how inheritance starts the modules the teacher lacks (every run: GT and proxies)")
     parser.add_argument("--device", default="cpu",
                         help="where every run trains (cuda: a GPU trains its own teacher, in its own work folder)")
+    parser.add_argument("--teacher-from", type=Path, default=None,
+                        help="copy this work folder's teacher instead of training one (e.g. the fresh run's, for "
+                             "--new-modules identity)")
     parser.add_argument("--work", type=Path, default=None,
                         help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN, suffixed by the "
                              "options that differ from their defaults)")
@@ -369,7 +396,7 @@ if __name__ == "__main__":
     args.archs = 0 if args.tests == "table" else args.archs
     torch.set_num_threads(1)
     parts = {"all": run_all, "main": run_main, "design": run_design, "long": run_long, "validity": run_validity,
-             "signals": run_signals,
+             "signals": run_signals, "proxies": run_proxies,
              "validity-report": lambda a: validity_report(a, setup, group),
              "report": lambda a: report(a, setup, gt, features, group)}
     parts[args.part](args)
