@@ -50,6 +50,7 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import teacher_suffix
@@ -205,6 +206,12 @@ def run_proxies(args) -> None:
                                           short_cosine(args, ctx, a))) for i, a in enumerate(anchors)]
     jobs += [(f"proxies-{i}", lambda a=a: (features(args, ctx, a), short_cosine(args, ctx, a)))
              for i, a in enumerate(tests)]
+    run_claimed(args, jobs)
+
+
+def run_claimed(args, jobs: list[tuple[str, Any]]) -> None:
+    """Each (name, job) whose claim this process gets, in order; another process sharing the work folder takes
+    the others."""
     for name, job in jobs:
         with claim(args, name) as mine:
             if mine:
@@ -226,12 +233,7 @@ def run_all(args) -> None:
              for i, a in enumerate(anchors)]
     jobs += [(f"long-repeat-{i}", lambda a=a: gt(args, ctx, a, args.gt_steps * args.long_factor, args.seed + 1000))
              for i, a in enumerate(anchors[: args.long_repeat])]
-    for name, job in jobs:
-        with claim(args, name) as mine:
-            if mine:
-                t = time.perf_counter()
-                job()
-                print(f"{name}: {time.perf_counter() - t:.0f}s", flush=True)
+    run_claimed(args, jobs)
 
 
 def group(arch: UNetArch) -> str:

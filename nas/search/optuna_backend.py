@@ -214,24 +214,35 @@ def record_constraints(trial: Trial, constraints: dict[str, float]) -> None:
     trial.set_user_attr("feasible", all(v <= 0 for v in constraints.values()))
 
 
+def record_arch(trial: Trial, arch: UNetArch) -> None:
+    """The arch in the trial's user attributes, where the report, a retry and a twin read it."""
+    trial.set_user_attr("arch", arch.to_dict())
+    trial.set_user_attr("arch_summary", str(arch).split("(", 1)[1].rstrip(")"))
+
+
+def take_arch(space: SearchSpace, trial: Trial) -> tuple[UNetArch, FrozenTrial | None]:
+    """Start a trial: record its worker, suggest and record its arch, claim it, and wait for a twin that claimed it
+    first. Returns the arch and the COMPLETE twin whose result to reuse, or None to evaluate it here."""
+    # which process ran it: with several workers or hosts, a lost or doubled trial can be traced, and a dead
+    # worker's trial failed at once
+    mark_worker(trial)
+    arch = suggest_arch(space, trial)
+    record_arch(trial, arch)
+    claim_arch(trial)
+
+    def waiting(other: FrozenTrial) -> None:
+        if trial.user_attrs.get("waited_for") != other.number:
+            trial.set_user_attr("waited_for", other.number)  # another worker is evaluating this arch
+        fail_dead_trials(trial.study)  # the one waited for may belong to a worker that died meanwhile
+
+    return arch, twin(trial, waiting)
+
+
 def make_objective(exp: Experiment, evaluator: Evaluator) -> Callable[[Trial], tuple[float, ...]]:
     names = [o.name for o in exp.objectives]
 
     def objective(trial: Trial) -> tuple[float, ...]:
-        # which process ran it: with several workers or hosts, a lost or doubled trial can be traced, and a
-        # dead worker's trial failed at once
-        mark_worker(trial)
-        arch = suggest_arch(evaluator.space, trial)
-        trial.set_user_attr("arch", arch.to_dict())
-        trial.set_user_attr("arch_summary", str(arch).split("(", 1)[1].rstrip(")"))
-        claim_arch(trial)
-
-        def waiting(other: FrozenTrial) -> None:
-            if trial.user_attrs.get("waited_for") != other.number:
-                trial.set_user_attr("waited_for", other.number)  # another worker is evaluating this arch
-            fail_dead_trials(trial.study)  # the one waited for may belong to a worker that died meanwhile
-
-        previous = twin(trial, waiting)
+        arch, previous = take_arch(evaluator.space, trial)
         try:
             if previous is not None:
                 values = dict(zip(names, previous.values, strict=True))

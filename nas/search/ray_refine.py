@@ -21,7 +21,7 @@ from nas.experiment import Experiment
 from nas.redaction import scrub
 
 from .objectives import Evaluator
-from .optuna_backend import suggest_arch
+from .optuna_backend import record_arch, suggest_arch
 from .refine import EMPTY, candidates, enqueue_candidates, open_refine_study
 from .workers import mark_worker
 
@@ -56,8 +56,7 @@ def refine_on_ray(exp: Experiment, evaluator: Evaluator, storage: Any, exp_data:
                 continue
             mark_worker(trial)  # the driver's identity: a resume after it died finds the trial orphaned
             arch = suggest_arch(evaluator.space, trial)
-            trial.set_user_attr("arch", arch.to_dict())
-            trial.set_user_attr("arch_summary", str(arch).split("(", 1)[1].rstrip(")"))
+            record_arch(trial, arch)
             done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                     if t.params == trial.params]
             if done:  # refined already (a lost attempt's retry whose arch another attempt finished)

@@ -32,8 +32,8 @@ from nas.redaction import scrub
 from search_spaces import ConfigError, UNetArch
 
 from .objectives import Evaluator
-from .optuna_backend import make_storage, suggest_arch
-from .workers import claim_arch, fail_dead_trials, mark_worker, twin
+from .optuna_backend import make_storage, take_arch
+from .workers import fail_dead_trials
 
 EMPTY = "no refine candidate was left when it started (another worker took the last one); nothing was evaluated"
 
@@ -150,18 +150,7 @@ def make_refine_objective(evaluator: Evaluator) -> Callable[[Trial], float]:
         if "fixed_params" not in trial.storage.get_trial(trial._trial_id).system_attrs:
             trial.set_user_attr("empty", EMPTY)  # recorded and told apart in the report, never silently dropped
             raise optuna.TrialPruned(EMPTY)
-        mark_worker(trial)
-        arch = suggest_arch(evaluator.space, trial)
-        trial.set_user_attr("arch", arch.to_dict())
-        trial.set_user_attr("arch_summary", str(arch).split("(", 1)[1].rstrip(")"))
-        claim_arch(trial)
-
-        def waiting(other: FrozenTrial) -> None:
-            if trial.user_attrs.get("waited_for") != other.number:
-                trial.set_user_attr("waited_for", other.number)
-            fail_dead_trials(trial.study)
-
-        previous = twin(trial, waiting)
+        arch, previous = take_arch(evaluator.space, trial)
         try:
             if previous is not None:
                 value, seconds = float(previous.value), 0.0
