@@ -196,10 +196,13 @@ def _finish(exp: Experiment, study: Any, storage_url: str, evaluator: Any) -> No
     breakdowns, notes = _breakdowns(exp, evaluator), _profile_notes(exp) + notes
     with FileLock(exp.run_dir / ".report.lock"):
         facts = write_report(exp.run_dir, exp, study, storage_url, references, breakdowns, notes=notes)
-    running = facts["states"]["RUNNING"] + facts["states"]["WAITING"]
+    running, queued = facts["states"]["RUNNING"], facts["states"]["WAITING"]
+    # a queued trial (the evolution strategy's next child, or a lost trial's retry) runs only if a worker still
+    # searches or the search is resumed with budget left: it is not a trial another worker is finishing
     console.print(f"{facts['trials']} trials ({facts['states']['COMPLETE']} complete, {facts['states']['FAIL']} "
-                  f"failed" + (f", {running} still running or queued in other workers, which rewrite the report "
-                               "when they stop" if running else "")
+                  f"failed" + (f", {running} still running in other workers, which rewrite the report when they "
+                               "stop" if running else "")
+                  + (f", {queued} queued and not started" if queued else "")
                   + f"), {facts['pareto']} Pareto-optimal; report in {exp.run_dir}/summary.md")
     refined = facts.get("refined")
     if refined is not None:
