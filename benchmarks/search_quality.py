@@ -46,7 +46,7 @@ from search_efficiency import LATENCY_OBJECTIVE, QUALITY, TableEvaluator, hyperv
 
 from nas.experiment import Experiment
 from nas.report import pareto_indices
-from nas.search.optuna_backend import run_worker
+from nas.search.optuna_backend import make_storage, open_study, run_worker
 from nas.search.refine import nondominated_layers, refined_rows, run_refine
 from proxies.benchmark import get_benchmark
 from proxies.latency import Settings
@@ -116,11 +116,19 @@ class RefineTableEvaluator(TableEvaluator):
         return self.truth[arch][0]
 
 
+def _other_worker(exp_data: dict[str, Any], table: dict, truth: dict, url: str, index: int) -> None:
+    """A further worker process on the study (as ``unet-nas search --workers`` starts them): its own sampler seed."""
+    exp = Experiment.model_validate(exp_data)
+    run_worker(exp, RefineTableEvaluator(exp, table, truth), url, resume=True, worker=str(index))
+
+
 def run_search(strategy: str, seed: int, space_data: dict[str, Any], trials: int,
                table: dict[UNetArch, tuple[float, float]], folder: Path, latency: dict[str, Any],
-               truth: dict[UNetArch, tuple[float, float]], refine: int) -> tuple[list[UNetArch], list[UNetArch]]:
-    """One search through the project's ``run_worker``, then (``refine`` > 0) its refinement through
-    ``run_refine``: the archs of its completed trials in trial order, and the archs it refined."""
+               truth: dict[UNetArch, tuple[float, float]], refine: int,
+               workers: int = 1) -> tuple[list[UNetArch], list[UNetArch]]:
+    """One search through the project's ``run_worker`` (``workers`` processes on one study, as ``--workers``
+    runs them), then (``refine`` > 0) its refinement through ``run_refine``: the archs of its completed trials in
+    trial order, and the archs it refined."""
     exp = Experiment.model_validate({
         "name": f"{strategy}_{seed}", "seed": seed, "space": space_data, "data": "digits",
         "objectives": [{"name": QUALITY, "kind": "quality", "proxy": "distill", "options": {"steps": 0}}, latency],
@@ -131,9 +139,23 @@ def run_search(strategy: str, seed: int, space_data: dict[str, Any], trials: int
     exp.cross_check()
     url = f"sqlite:///{folder / f'{strategy}_{seed}.db'}"
     evaluator = RefineTableEvaluator(exp, table, truth)
-    study = run_worker(exp, evaluator, url, resume=False)
-    done = sorted((t for t in study.trials if t.values is not None), key=lambda t: t.number)
-    if len(done) != trials:  # a table lookup cannot fail: a failed trial is a broken benchmark
+    if workers == 1:
+        study = run_worker(exp, evaluator, url, resume=False)
+    else:  # the study first, then every worker joins it; this process is worker "0" (the experiment's seed)
+        import multiprocessing as mp
+
+        open_study(exp, make_storage(url, exp), resume=False)
+        spawn = mp.get_context("spawn")
+        procs = [spawn.Process(target=_other_worker, args=(exp.model_dump(), table, truth, url, i))
+                 for i in range(1, workers)]
+        for p in procs:
+            p.start()
+        study = run_worker(exp, evaluator, url, resume=True, worker="0")
+        for p in procs:
+            p.join()
+    done = sorted((t for t in study.get_trials() if t.values is not None), key=lambda t: t.number)
+    # several workers may each overshoot the budget by one trial (Optuna's guarantee); one worker never does
+    if len(done) < trials or (workers == 1 and len(done) != trials):  # a failed table lookup: a broken benchmark
         errors = {t.user_attrs.get("error") for t in study.trials if t.values is None}
         raise RuntimeError(f"{strategy} seed {seed}: {len(done)} of {trials} trials completed: {errors}")
     refined: list[UNetArch] = []
@@ -174,11 +196,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--checkpoints", type=int, nargs="+", default=list(CHECKPOINTS),
                         help="trial counts at which the found front is measured")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes per search (results file suffixed _workersN when > 1)")
     parser.add_argument("--refine", type=int, default=2,
                         help="also measure the front of the first N Pareto layers fully trained (0: off)")
     args = parser.parse_args()
-    if args.refine < 0 or min(args.checkpoints) < 1 or max(args.checkpoints) > args.trials:
-        parser.error("--refine must be >= 0 and every --checkpoints value within 1..--trials")
+    if args.refine < 0 or args.workers < 1 or min(args.checkpoints) < 1 or max(args.checkpoints) > args.trials:
+        parser.error("--refine must be >= 0, --workers >= 1 and every --checkpoints value within 1..--trials")
     start = time.perf_counter()
     try:
         results = json.loads(args.results.read_text())
@@ -232,7 +256,7 @@ def main() -> None:
                 folder = Path(tmp) / name.replace("/", "_")
                 folder.mkdir(exist_ok=True)
                 found, by_product = run_search(args.strategy, seed, space_data, args.trials, table, folder,
-                                               latency_objective, truth, args.refine)
+                                               latency_objective, truth, args.refine, args.workers)
                 if args.refine:  # the product refined exactly the finalists this study measures at the full budget
                     product.append(set(by_product) == set(top_layers(found, table, args.refine)))
                 for k in per_seed:
@@ -264,13 +288,14 @@ def main() -> None:
                     if args.refine else ""), flush=True)
 
     name = "search_quality" + ("" if (bench_name, run_seed) == ("digits", 0) else f"_{bench_name}_seed{run_seed}")
+    name += f"_workers{args.workers}" if args.workers > 1 else ""
     path = write_result(name, {
         "source": args.results.name, "benchmark_name": bench_name, "seed": run_seed,
         "space": {"name": space_data["name"], "archs": len(archs), "definition": space_data},
         "ground_truth": "the cosine protocol of proxy_validity_cosine.py (validated against 5x longer training)",
         "latency": f"RooflinePredictor a10g fp16, batch 2, {latent * 8} px, {text_len} tokens "
                    "(predicted ms per U-Net step)",
-        "strategy": args.strategy, "trials": args.trials, "seeds": args.seeds,
+        "strategy": args.strategy, "trials": args.trials, "seeds": args.seeds, "workers": args.workers,
         "checkpoints": sorted(set(args.checkpoints)),
         "refine": args.refine or None,
         "refined": "the search's archs on the first --refine Pareto layers of its own values (non-dominated "

@@ -98,14 +98,39 @@ def make_storage(url: str, exp: Experiment) -> RDBStorage:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna; we rely on them knowingly
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retry = RetryLostTrial(max_retry=exp.max_retries)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=exp.heartbeat_interval,
-                              grace_period=exp.heartbeat_grace, heartbeat_stale_trial_callback=retry)
+            storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=exp.heartbeat_interval,
+                                 grace_period=exp.heartbeat_grace, heartbeat_stale_trial_callback=retry)
     except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
         from nas.report import redact
 
         hint = " (install a driver: pip install 'unet-nas[postgres]')" if isinstance(exc, ImportError) else ""
         raise ConfigError(f"cannot open storage {redact(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
                           f"{hint}", field="storage") from None
+    if url.startswith("sqlite"):
+        serialize_sqlite(storage.engine)
+    return storage
+
+
+def serialize_sqlite(engine: Any) -> None:
+    """Make every transaction on a SQLite study ``BEGIN IMMEDIATE``: it takes the write lock before it reads.
+
+    Optuna hands a queued (WAITING) trial to one worker by reading its state and setting it RUNNING in one
+    transaction with ``SELECT ... FOR UPDATE``, which SQLite ignores. With pysqlite's deferred transactions two
+    local workers could both read WAITING and both take the trial: both evaluated it and the second to finish
+    died on "Cannot tell a COMPLETE trial" (seen with the evolution strategy's queued children and ``refine``'s
+    queued finalists, whose trials are all queued). Serialising the transactions makes the read and the write
+    one step, as PostgreSQL's row lock does; the SQLAlchemy recipe for pysqlite (its own BEGIN switched off)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # the connections opened while the storage set itself up get the hooks too
 
 
 def make_sampler(exp: Experiment, seed: int | None = None) -> optuna.samplers.BaseSampler:
