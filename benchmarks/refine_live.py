@@ -38,12 +38,10 @@ import yaml
 from common import table_suffix, teacher_suffix, write_result
 from proxy_validity_cosine import table_space
 from search_efficiency import LATENCY_OBJECTIVE, hypervolume
-from search_quality import records_from
+from search_quality import records_from, table_truth
 
 from nas.report import pareto_indices
 from proxies.benchmark import TEACHER_STEPS, get_benchmark
-from proxies.latency import Settings
-from proxies.latency.roofline import RooflinePredictor, load_spec
 from proxies.quality.fidelity import GT_TIMESTEPS
 from search_spaces import UNetArch
 
@@ -106,13 +104,7 @@ def main() -> None:
     url = f"sqlite:///{db}"
     search = optuna.load_study(study_name=name, storage=url)
     refine = optuna.load_study(study_name=f"{name}.refine", storage=url)
-    predictor = RooflinePredictor(load_spec(LATENCY_OBJECTIVE["spec"]),
-                                  Settings(dtype="fp16", batch=2, resolution=latent * 8, text_len=text_len))
-    lat = {a: float(predictor.predict(a)) for a in records}
-    truth = {a: (records[a]["gt"], lat[a]) for a in records}
-    points = list(truth.values())
-    ref = (max(p[0] for p in points), max(p[1] for p in points))
-    optimum = hypervolume(points, ref)
+    lat, truth, ref, optimum = table_truth(records, latent, text_len)
     complete = [t for t in search.trials if t.state == optuna.trial.TrialState.COMPLETE]
     archs = [UNetArch.from_dict(t.user_attrs["arch"]) for t in complete]
     own = [archs[i] for i in pareto_indices([tuple(t.values) for t in complete])]

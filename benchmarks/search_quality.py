@@ -165,6 +165,18 @@ def run_search(strategy: str, seed: int, space_data: dict[str, Any], trials: int
     return [UNetArch.from_dict(t.user_attrs["arch"]) for t in done], refined
 
 
+def table_truth(records: dict[UNetArch, dict], latent: int, text_len: int) -> tuple[dict, dict, tuple, float]:
+    """Each table arch's A10G latency (roofline, fp16, batch 2, at the benchmark's shapes) and (ground truth,
+    latency) point, the hypervolume reference point (the worst of each) and the true front's hypervolume."""
+    latency = RooflinePredictor(load_spec(LATENCY_OBJECTIVE["spec"]),
+                                Settings(dtype="fp16", batch=2, resolution=latent * 8, text_len=text_len))
+    lat = {a: float(latency.predict(a)) for a in records}
+    truth = {a: (records[a]["gt"], lat[a]) for a in records}
+    points = list(truth.values())
+    ref = (max(p[0] for p in points), max(p[1] for p in points))
+    return lat, truth, ref, hypervolume(points, ref)
+
+
 def top_layers(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, float]], layers: int) -> list[UNetArch]:
     """The search's distinct archs on the first ``layers`` Pareto layers of its own (proxy, latency) values
     (non-dominated sorting, as NSGA-II ranks and ``refine`` picks): layer 1 is its front, layer 2 the front of the
@@ -225,14 +237,8 @@ def main() -> None:
         parser.error(f"--results: {args.results}: its {len(records)} test archs are not the {bench_name} table's "
                      f"{len(archs)}")
 
-    latency = RooflinePredictor(load_spec(LATENCY_OBJECTIVE["spec"]),
-                                Settings(dtype="fp16", batch=2, resolution=latent * 8, text_len=text_len))
-    lat = {a: float(latency.predict(a)) for a in archs}
-    truth = {a: (records[a]["gt"], lat[a]) for a in archs}
-    points = list(truth.values())
-    ref = (max(p[0] for p in points), max(p[1] for p in points))
-    optimum = hypervolume(points, ref)
-    true_front = [archs[i] for i in pareto_indices(points)]
+    lat, truth, ref, optimum = table_truth(records, latent, text_len)
+    true_front = [archs[i] for i in pareto_indices(list(truth.values()))]
 
     all_scores: dict[str, list[float]] = {}
     for name in args.proxies:  # every name checked before the first search runs
