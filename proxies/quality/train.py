@@ -69,6 +69,27 @@ def lr_factor(step: int, steps: int, schedule: str = "constant", warmup: float =
     return 0.5 * (1.0 + math.cos(math.pi * (step - ramp) / max(1, steps - ramp)))
 
 
+def step_loss(model: nn.Module, ctx: QualityContext, x0: torch.Tensor, text: torch.Tensor, t: torch.Tensor,
+              noise: torch.Tensor, teacher: nn.Module | None = None,
+              pairs: list[tuple[str, str]] = ()) -> torch.Tensor:
+    """The training loss of one (micro-)batch: the task MSE, plus with a teacher BK-SDM's output-level KD and the
+    feature-level KD at every stage pair of ``pairs`` (:func:`paired_stages`) whose shapes agree. One function, so
+    that every loop that trains a student (:func:`train`, a weight-sharing supernet) optimises the same loss."""
+    noisy, target = noisy_and_target(ctx.scheduler, x0, noise, t)
+    with capture(model, [p[0] for p in pairs]) as s_feats:
+        out = model(noisy, t, text).sample.float()
+    loss = (out - target).square().mean()
+    if teacher is not None:
+        with torch.no_grad(), capture(teacher, [p[1] for p in pairs]) as t_feats:
+            t_out = teacher(noisy, t, text).sample.float()
+        loss = loss + (out - t_out).square().mean()
+        for s_name, t_name in pairs:
+            a, b = s_feats.get(s_name), t_feats.get(t_name)
+            if a is not None and b is not None and a.shape == b.shape:
+                loss = loss + (a.float() - b.float()).square().mean()
+    return loss
+
+
 def train(model: nn.Module, ctx: QualityContext, steps: int, lr: float = 1e-3, seed: int | None = None,
           teacher: nn.Module | None = None, feature_kd: bool = True, report: Report | None = None,
           eval_every: int = 0, schedule: str = "constant", warmup: float = 0.0) -> dict[str, Any]:
@@ -92,18 +113,7 @@ def train(model: nn.Module, ctx: QualityContext, steps: int, lr: float = 1e-3, s
         total = 0.0
         for start in range(0, x0.shape[0], chunk):
             part = slice(start, start + chunk)
-            noisy, target = noisy_and_target(ctx.scheduler, x0[part], noise[part], t[part])
-            with capture(model, [p[0] for p in pairs]) as s_feats:
-                out = model(noisy, t[part], text[part]).sample.float()
-            loss = (out - target).square().mean()
-            if teacher is not None:
-                with torch.no_grad(), capture(teacher, [p[1] for p in pairs]) as t_feats:
-                    t_out = teacher(noisy, t[part], text[part]).sample.float()
-                loss = loss + (out - t_out).square().mean()
-                for s_name, t_name in pairs:
-                    a, b = s_feats.get(s_name), t_feats.get(t_name)
-                    if a is not None and b is not None and a.shape == b.shape:
-                        loss = loss + (a.float() - b.float()).square().mean()
+            loss = step_loss(model, ctx, x0[part], text[part], t[part], noise[part], teacher, pairs)
             weight = min(chunk, x0.shape[0] - start) / x0.shape[0]  # micro-batches add up to the batch mean
             (loss * weight).backward()
             total += loss.item() * weight
