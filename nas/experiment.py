@@ -95,7 +95,7 @@ class Objective(_Strict):
     def _fields_for_kind(self) -> Objective:
         if self.kind == "quality" and not self.proxy:
             raise ValueError("a quality objective needs proxy (grad_norm, snip, synflow, jacob_cov, distill, "
-                             "short_train, surrogate)")
+                             "short_train, surrogate, supernet)")
         if self.kind == "latency":
             if self.predictor is None:
                 raise ValueError("a latency objective needs predictor: lut, roofline or learned")

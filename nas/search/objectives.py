@@ -117,7 +117,10 @@ class Evaluator:
         from proxies.quality import make_proxy
 
         try:
-            return make_proxy(obj.proxy, **obj.options)
+            proxy = make_proxy(obj.proxy, **obj.options)
+            if hasattr(proxy, "check_space"):  # options naming the space's decisions (the supernet's split)
+                proxy.check_space(self.space)
+            return proxy
         except ConfigError as exc:
             idx = self.exp.objectives.index(obj)
             raise ConfigError(exc.message, field=f"objectives[{idx}].{exc.field or 'proxy'}") from None
@@ -132,7 +135,10 @@ class Evaluator:
             raise ConfigError(f"unknown quality proxy {spec.proxy!r} (known: {', '.join(PROXIES)})",
                               field="refine.proxy")
         try:
-            return make_proxy(spec.proxy or obj.proxy, **spec.options)
+            proxy = make_proxy(spec.proxy or obj.proxy, **spec.options)
+            if hasattr(proxy, "check_space"):
+                proxy.check_space(self.space)
+            return proxy
         except ConfigError as exc:  # a bad value names its option; an unknown option, the options
             where = exc.field if exc.field and exc.field != "proxy" else None
             raise ConfigError(exc.message, field="refine.options" + (f".{where}" if where else "")) from None

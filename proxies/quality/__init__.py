@@ -1,7 +1,8 @@
 """Quality proxies: how good an arch looks before it is fully trained. Lower scores are better.
 
 ``make_proxy("grad_norm")``, ``make_proxy("distill", steps=20)``, ``make_proxy("short_train", steps=50)``,
-``make_proxy("surrogate", anchors=8, steps=5)`` (multi-fidelity: needs the context's space and teacher); call
+``make_proxy("surrogate", anchors=8, steps=5)`` (multi-fidelity: needs the context's space and teacher),
+``make_proxy("supernet", steps=2000, split=["down[1].resnets"])`` (weight sharing: the same); call
 the proxy with an arch and a :class:`QualityContext` to get a :class:`QualityScore` (score, seconds, details).
 """
 
@@ -14,12 +15,13 @@ from search_spaces import ConfigError
 from .base import QualityContext, QualityProxy, QualityScore, evaluate, make_scheduler
 from .distill import Distill
 from .short_train import ShortTrain
+from .supernet import Supernet
 from .surrogate import Surrogate
 from .zero_cost import GradNorm, JacobCov, Snip, SynFlow
 
 PROXIES: dict[str, type[QualityProxy]] = {
     "grad_norm": GradNorm, "snip": Snip, "synflow": SynFlow, "jacob_cov": JacobCov,
-    "distill": Distill, "short_train": ShortTrain, "surrogate": Surrogate,
+    "distill": Distill, "short_train": ShortTrain, "surrogate": Surrogate, "supernet": Supernet,
 }
 
 

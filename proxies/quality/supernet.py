@@ -1,0 +1,266 @@
+"""Few-shot weight-sharing supernet proxy: the space's archs share trained weights, each trial only evaluates.
+
+One-time work (once per run, whatever the number of workers): the space is split into groups by the values of
+the ``split`` decisions (few-shot NAS: archs whose inheritance differs in kind, such as a down stage that keeps one
+ResNet so that its up stage's skips shift, get their own supernet), plus every decision whose choices change a
+width or the layout (channels, a mid-block upsampler), which no shared tensor could serve. Each group's supernet
+is its largest arch, initialised from the teacher as any student is. Training draws one arch per step, the groups
+in turn and the arch uniformly inside its group; the arch is built, inherits the teacher's weights and then uses
+the supernet's own tensors for every parameter the supernet holds with the same shape (the module map of weight
+inheritance), so the step trains the shared weights with the ground-truth protocol's loss and schedule (BK-SDM
+distillation from the teacher, AdamW, cosine with warm-up). What the supernet cannot hold stays as inheritance
+left it, in training and in scoring alike. With a ``cache_dir`` in the context the state (weights, optimiser,
+random generators) is written atomically every ``checkpoint_every`` steps, a file lock makes the processes of one
+machine do the work once, and a killed run resumes from its last checkpoint to the same weights bit for bit.
+
+Per trial: build the arch, inherit from the teacher, copy in its group's shared weights, and take the held-out
+loss on ``eval_items`` items (lower is better): one evaluation, no training.
+
+Measured on the 64-arch tables of ``benchmarks/proxy_supernet.py`` (README, "Few-shot supernets").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from proxies.cost import arch_costs
+from search_spaces import ConfigError, UNetArch
+from search_spaces.inherit import check_new_modules, inherit_weights, module_map, teacher_arch
+
+from .base import QualityContext, QualityProxy, Report, evaluate
+from .surrogate import _locked, arch_key
+from .train import lr_factor, paired_stages, step_loss
+
+POOL = 1024  # archs sampled (or enumerated) once to find the groups and their largest archs
+BUILT = 64  # sub-models kept built during training (they hold only what the supernet cannot share)
+
+
+@torch.no_grad()
+def share_weights(student: nn.Module, supernet: nn.Module) -> tuple[int, int]:
+    """Make ``student`` use ``supernet``'s parameter tensors wherever the inheritance module map pairs them and
+    shapes agree; return (shared, total) parameter counts. Elsewhere the student keeps its own tensors."""
+    mapping = module_map(teacher_arch(student), teacher_arch(supernet))
+    theirs = dict(supernet.named_parameters())
+    mine = dict(student.named_parameters())
+    shared = 0
+    for s_mod, t_mod in mapping.items():
+        if t_mod is None:
+            continue
+        for name in [n for n in mine if n.startswith(s_mod + ".")]:
+            source = theirs.get(t_mod + name[len(s_mod):])
+            if source is not None and source.shape == mine[name].shape:
+                owner, leaf = name.rsplit(".", 1)
+                student.get_submodule(owner)._parameters[leaf] = source
+                shared += source.numel()
+    return shared, sum(p.numel() for p in mine.values())
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Supernet(QualityProxy):
+    """Few-shot supernets trained once for ``steps`` arch-steps at peak ``lr`` (cosine after ``warmup``), split
+    by the ``split`` decisions (names of the space's decisions, e.g. ``down[1].resnets``; widths and layouts are
+    split on always); per trial the held-out loss of the arch's shared weights on ``eval_items`` items."""
+
+    kind = "supernet"
+
+    def __init__(self, steps: int = 2000, lr: float = 1e-3, warmup: float = 0.1, split: list[str] | tuple = (),
+                 eval_items: int = 64, checkpoint_every: int = 100, new_modules: str = "fresh"):
+        check_new_modules(new_modules)
+        for field, value, low in (("steps", steps, 1), ("eval_items", eval_items, 1),
+                                  ("checkpoint_every", checkpoint_every, 1)):
+            if not _is_int_list(value) or value < low:
+                raise ConfigError(f"must be an integer >= {low}, got {value!r}", field=field)
+        if not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0:
+            raise ConfigError(f"must be a number > 0, got {lr!r}", field="lr")
+        if not isinstance(warmup, int | float) or isinstance(warmup, bool) or not 0 <= warmup < 1:
+            raise ConfigError(f"must be a fraction in [0, 1), got {warmup!r}", field="warmup")
+        if (isinstance(split, str) or not isinstance(split, list | tuple)
+                or not all(isinstance(s, str) for s in split) or len(set(split)) != len(split)):
+            raise ConfigError(f"must be a list of distinct decision names, got {split!r}", field="split")
+        self.options = {"steps": steps, "lr": float(lr), "warmup": float(warmup), "split": list(split),
+                        "eval_items": eval_items, "new_modules": new_modules}
+        self.checkpoint_every = checkpoint_every
+        self.name = f"supernet{steps}"
+        self._nets: dict[tuple, nn.Module] | None = None
+        self._groups: dict[tuple, UNetArch] = {}
+        self._split_idx: list[int] = []
+
+    # ---- groups ----------------------------------------------------------------------------------------------
+
+    def _split_decisions(self, space: Any) -> list[int]:
+        """Indices of the decisions that split the space: the asked ones, and every width or layout choice."""
+        names = [d.name for d in space.decisions]
+        for i, name in enumerate(self.options["split"]):
+            if name not in names:
+                raise ConfigError(f"{name!r} is not a decision of the space (its decisions: {', '.join(names)})",
+                                  field=f"split[{i}]")
+        out = []
+        for i, d in enumerate(space.decisions):
+            layout = len(d.choices) > 1 and (d.name.endswith(".channels") or not all(map(_is_int_list, d.choices)))
+            if d.name in self.options["split"] or layout:
+                out.append(i)
+        return out
+
+    def check_space(self, space: Any) -> None:
+        """Refuse a ``split`` naming no decision of ``space`` (before any work is done)."""
+        self._split_decisions(space)
+
+    def group_of(self, space: Any, arch: UNetArch) -> tuple:
+        code = space.encode(arch)
+        return tuple(code[i] for i in self._split_idx)
+
+    def _find_groups(self, ctx: QualityContext) -> dict[tuple, UNetArch]:
+        """Group key -> the group's largest arch: every other decision at its largest value when that arch falls
+        in the group, else the pool's member with the most parameters."""
+        space = ctx.space
+        self._split_idx = self._split_decisions(space)
+        pool = space.enumerate() if space.cardinality() <= POOL else \
+            [space.sample(random.Random(ctx.seed * 7919 + i)) for i in range(POOL)]
+        members: dict[tuple, list[UNetArch]] = {}
+        for a in pool:
+            members.setdefault(self.group_of(space, a), []).append(a)
+        text_len = ctx.data.text.shape[1]
+        out = {}
+        for key in sorted(members):
+            code = [max(range(len(d.choices)), key=lambda k, d=d: d.choices[k]) if _is_int_list(d.choices[0]) else 0
+                    for d in space.decisions]
+            for i, k in zip(self._split_idx, key, strict=True):
+                code[i] = k
+            try:
+                big = space.decode(code, check=False)
+                ok = space.contains(big) and self.group_of(space, big) == key
+            except ConfigError:
+                ok = False
+            if not ok:
+                big = max(members[key], key=lambda a: arch_costs(a, batch=1, text_len=text_len).params)
+            out[key] = big
+        return out
+
+    # ---- one-time work ---------------------------------------------------------------------------------------
+
+    def cache_folder(self, ctx: QualityContext) -> Path | None:
+        if ctx.cache_dir is None:
+            return None
+        digest = hashlib.sha1(json.dumps({**self.options, "seed": ctx.seed}, sort_keys=True).encode())
+        return Path(ctx.cache_dir) / "supernet" / f"{self.name}-{digest.hexdigest()[:8]}"
+
+    def fit(self, ctx: QualityContext) -> dict[tuple, nn.Module]:
+        """The trained supernets (the one-time work on first use in this process; from the cache when done)."""
+        if self._nets is not None:
+            return self._nets
+        if ctx.space is None:
+            raise ConfigError("the supernet proxy needs the search space to build its supernets", field="space")
+        if ctx.teacher is None:
+            raise ConfigError("the supernet proxy inherits from and distils a teacher", field="teacher")
+        self._groups = self._find_groups(ctx)
+        folder = self.cache_folder(ctx)
+        if folder is None:
+            self._nets = self._train(ctx, None)
+        else:
+            with _locked(folder / ".lock"):
+                self._nets = self._train(ctx, folder / "state.pt")
+        return self._nets
+
+    def _build(self, ctx: QualityContext, arch: UNetArch) -> nn.Module:
+        model = ctx.build(arch)
+        inherit_weights(model, ctx.teacher, new=self.options["new_modules"])
+        return model
+
+    def _train(self, ctx: QualityContext, state_path: Path | None) -> dict[tuple, nn.Module]:
+        o = self.options
+        keys = sorted(self._groups)
+        nets = {k: self._build(ctx, self._groups[k]) for k in keys}
+        params = [p for k in keys for p in nets[k].parameters()]
+        opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, o["steps"], "cosine", o["warmup"]))
+        rng = random.Random(ctx.seed)
+        gen = torch.Generator().manual_seed(ctx.seed)
+        step = 0
+        if state_path is not None and state_path.is_file():
+            state = torch.load(state_path, map_location=ctx.device, weights_only=True)
+            for k in keys:
+                nets[k].load_state_dict(state["nets"][str(list(k))])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            rng.setstate(_tuple(state["rng"]))
+            gen.set_state(state["generator"])
+            step = state["step"]
+        space = ctx.space
+        models: OrderedDict[str, tuple[nn.Module, list]] = OrderedDict()
+        ctx.teacher.eval().requires_grad_(False)
+        while step < o["steps"]:
+            key = keys[step % len(keys)]
+            arch = space.sample(rng, accept=lambda a, key=key: self.group_of(space, a) == key)
+            if arch_key(arch) not in models:
+                model = self._build(ctx, arch)
+                share_weights(model, nets[key])
+                shared = {id(p) for p in nets[key].parameters()}
+                for p in model.parameters():
+                    p.requires_grad_(id(p) in shared)  # the rest stays as inheritance left it, as when scored
+                models[arch_key(arch)] = (model, paired_stages(model, ctx.teacher))
+                if len(models) > BUILT:
+                    models.popitem(last=False)
+            models.move_to_end(arch_key(arch))
+            model, pairs = models[arch_key(arch)]
+            x0, text, t, noise = ctx.batch(gen)
+            opt.zero_grad(set_to_none=True)
+            model.train()
+            with ctx.autocast():
+                loss = step_loss(model, ctx, x0, text, t, noise, ctx.teacher, pairs)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"supernet training loss became {loss.item()} at step {step + 1}")
+            step += 1
+            if state_path is not None and (step % self.checkpoint_every == 0 or step == o["steps"]):
+                self._save(state_path, nets, opt, sched, rng, gen, step)
+        for net in nets.values():
+            net.eval().requires_grad_(False)
+        return nets
+
+    @staticmethod
+    def _save(path: Path, nets: dict, opt: Any, sched: Any, rng: random.Random, gen: torch.Generator,
+              step: int) -> None:
+        state = {"nets": {str(list(k)): net.state_dict() for k, net in nets.items()}, "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "rng": _lists(rng.getstate()), "generator": gen.get_state(),
+                 "step": step, "saved_at": time.time()}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a kill leaves the previous checkpoint whole
+
+    # ---- per trial -------------------------------------------------------------------------------------------
+
+    def compute(self, arch: UNetArch, ctx: QualityContext, report: Report | None) -> tuple[float, dict[str, Any]]:
+        nets = self.fit(ctx)
+        key = self.group_of(ctx.space, arch)
+        if key not in nets:
+            raise ConfigError(f"the arch falls in no supernet group ({key}); is it of the search space?",
+                              field="arch")
+        model = self._build(ctx, arch)
+        inherit_weights(model, nets[key])  # the shared weights: the same module map and shapes as in training
+        loss = evaluate(model, replace(ctx, eval_items=self.options["eval_items"]))["task_loss"]
+        return loss, {"group": list(key), "shared_loss": loss}
+
+
+def _lists(value: Any) -> Any:
+    """``random.Random`` state as nested lists (what a weights-only checkpoint can hold)."""
+    return [_lists(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(_tuple(v) for v in value) if isinstance(value, list) else value

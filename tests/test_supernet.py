@@ -1,0 +1,171 @@
+"""The few-shot supernet proxy: weights really shared, deterministic under its seed, its one-time work resumed
+after SIGKILL to the same weights, bad options refused in the experiment file with exit code 2, and a search that
+uses it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nas.cli import app
+from proxies.quality import make_proxy
+from proxies.quality.supernet import share_weights
+from search_spaces import ConfigError, get_arch
+
+ROOT = Path(__file__).parents[1]
+OPTIONS = {"steps": 12, "eval_items": 8, "checkpoint_every": 2, "split": ["down[0].resnets"]}
+
+# A tiny run: an untrained digits teacher (distillation works the same), batches of 8, a 12-step supernet.
+SCRIPT = """
+import json, random, sys
+from pathlib import Path
+import torch
+from proxies.data import digits_cache
+from proxies.quality import QualityContext, make_proxy
+from search_spaces import get_arch
+from search_spaces.space import SearchSpace
+
+
+def scores(cache, options):
+    torch.set_num_threads(1)
+    ctx = QualityContext(data=digits_cache(seed=0), seed=3, batch_size=8, eval_items=8,
+                         space=SearchSpace.from_yaml(Path("search_spaces/spaces/digits.yaml")), cache_dir=cache)
+    ctx.teacher = ctx.build(get_arch("digits"), seed=3).eval()
+    proxy = make_proxy("supernet", **options)
+    return [proxy(ctx.space.sample(random.Random(i)), ctx).score for i in range(3)]
+
+
+if __name__ == "__main__":
+    print(json.dumps({"scores": scores(Path(sys.argv[1]), json.loads(sys.argv[2]))}))
+"""
+
+
+def _run(cache: Path, options: dict = OPTIONS) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(cache), json.dumps(options)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+
+
+def _scores(proc: subprocess.Popen) -> list[float]:
+    out, err = proc.communicate(timeout=900)  # a hang guard: loaded 2-core machines are slow
+    assert proc.returncode == 0, err
+    return json.loads(out.splitlines()[-1])["scores"]
+
+
+def _state(cache: Path) -> dict:
+    return torch.load(next(cache.glob("supernet/*/state.pt")), weights_only=True)
+
+
+def test_killed_one_time_work_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Killed with SIGKILL after a checkpoint, run again: the same supernets and scores as an uninterrupted run."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    first, victim = _run(whole), _run(cut)
+    deadline = time.monotonic() + 900
+    while not list(cut.glob("supernet/*/state.pt")):
+        assert time.monotonic() < deadline and victim.poll() is None, victim.communicate()
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = _state(cut)["step"]
+    assert 0 < killed_at < OPTIONS["steps"]  # killed mid-way, a whole checkpoint left
+    resumed = _scores(_run(cut))
+    assert _scores(first) == resumed
+    a, b = _state(whole), _state(cut)
+    assert a["step"] == b["step"] == OPTIONS["steps"]
+    for key in a["nets"]:
+        for name, tensor in a["nets"][key].items():
+            assert torch.equal(tensor, b["nets"][key][name]), (key, name)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_deterministic_under_its_seed_and_the_seed_matters():
+    namespace: dict = {"__name__": "supernet_script"}
+    exec(compile(SCRIPT, "supernet_script", "exec"), namespace)
+    threads = torch.get_num_threads()
+    try:
+        once, again = (namespace["scores"](None, {**OPTIONS, "checkpoint_every": 100}) for _ in range(2))
+        assert once == again
+        fewer = namespace["scores"](None, {**OPTIONS, "steps": 4})
+        assert fewer != once  # the training is what the scores come from
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_student_trains_the_supernets_own_tensors():
+    """After share_weights a step on the student moves the supernet's weights: one tensor, not a copy."""
+    from proxies.data import digits_cache
+    from proxies.quality import QualityContext
+    from search_spaces import UNetArch
+
+    ctx = QualityContext(data=digits_cache(seed=0), seed=3, batch_size=4, eval_items=4)
+    big = get_arch("digits")
+    data = big.to_dict()
+    data["down"][1]["attentions"] = 0  # a smaller arch of the same group
+    student, supernet = ctx.build(UNetArch.from_dict(data)), ctx.build(big)
+    shared, total = share_weights(student, supernet)
+    assert 0 < shared == total  # block removal at fixed widths: every tensor has its place in the supernet
+    before = supernet.conv_in.weight.detach().clone()
+    x0, text, t, _ = ctx.batch(torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    student(x0, t, text).sample.square().mean().backward()
+    opt.step()
+    assert student.conv_in.weight is supernet.conv_in.weight
+    assert not torch.equal(before, supernet.conv_in.weight)
+
+
+@pytest.mark.parametrize("options,field", [
+    ({"steps": 0}, "steps"), ({"lr": 0}, "lr"), ({"warmup": 1.0}, "warmup"), ({"eval_items": 0}, "eval_items"),
+    ({"checkpoint_every": "often"}, "checkpoint_every"), ({"split": "down[0].resnets"}, "split"),
+    ({"split": ["a", "a"]}, "split"), ({"new_modules": "zero"}, "new_modules"), ({"steps": True}, "steps"),
+])
+def test_bad_options_are_config_errors(options, field):
+    with pytest.raises(ConfigError) as exc:
+        make_proxy("supernet", **options)
+    assert exc.value.field == field
+
+
+@pytest.mark.parametrize("options,message", [
+    ("{steps: 0}", "objectives[1].steps: must be an integer >= 1"),
+    ("{split: ['down[7].resnets']}", "objectives[1].split[0]: 'down[7].resnets' is not a decision of the space"),
+    ("{lr: fast}", "objectives[1].lr: must be a number > 0"),
+])
+def test_bad_option_in_experiment_file_is_file_line_field_and_exit_2(tmp_path, options, message):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: sn\nspace: digits\ndata: digits\nteacher: {arch: digits, train_steps: 2}\n"
+                   "objectives:\n  - {name: params, kind: params}\n"
+                   f"  - {{name: quality, kind: quality, proxy: supernet, options: {options}}}\n"
+                   f"budget: {{trials: 2}}\noutput_dir: {tmp_path / 'runs'}\n")
+    res = CliRunner().invoke(app, ["search", str(exp)])
+    assert res.exit_code == 2, res.output
+    assert f"{exp}:7: {message}" in " ".join(res.output.split())
+    assert "Traceback" not in res.output and not (tmp_path / "runs").exists()
+
+
+def test_a_search_with_two_workers_trains_the_supernets_once(tmp_path):
+    """``proxy: supernet`` in a search with two local workers: one process does the one-time work, both score."""
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: sn\nspace: digits\ndata: digits\nseed: 1\nteacher: {arch: digits, train_steps: 2}\n"
+                   "objectives:\n  - {name: params, kind: params}\n"
+                   "  - {name: quality, kind: quality, proxy: supernet,\n"
+                   "     options: {steps: 8, eval_items: 8, split: ['down[0].resnets']}}\n"
+                   "quality_context: {batch_size: 8, eval_items: 8}\n"
+                   f"budget: {{trials: 4}}\noutput_dir: {tmp_path / 'runs'}\n")
+    res = CliRunner().invoke(app, ["search", str(exp), "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "sn"
+    states = list(run.glob("supernet/*/state.pt"))
+    assert len(states) == 1 and torch.load(states[0], weights_only=True)["step"] == 8
+    assert "one-time work of the supernet8 proxy" in res.output
+    study = optuna.load_study(study_name="sn", storage=f"sqlite:///{run / 'study.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4 and len({t.values[1] for t in done}) > 1
