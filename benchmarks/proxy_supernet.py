@@ -45,6 +45,7 @@ from search_spaces import SearchSpace, UNetArch
 from search_spaces.yamlio import atomic_write
 
 TRIALS = 200  # one-time work is divided by this many trials (the issue's rule)
+BASELINE_EVERY = 8
 BASELINE = "cosine@16/lr0.002"
 
 
@@ -87,19 +88,25 @@ def run(args, results: dict) -> None:
     arch scored; the values and the seconds are kept in the work folder."""
     ctx, _, archs = context(results)
     name = results["benchmark_name"]
-    ctx = replace(ctx, space=SearchSpace(table_space(name)), seed=args.supernet_seed, cache_dir=None,
-                  teacher_outputs={})
+    table = SearchSpace(table_space(name))
+    space = table if all(table.contains(a) for a in archs) else ctx.space  # a table run, or random test archs
+    ctx = replace(ctx, space=space, seed=args.supernet_seed, cache_dir=None, teacher_outputs={})
     config = f"{args.split}/{args.steps}/lr{args.lr:g}/seed{args.supernet_seed}"
     proxy = make_proxy("supernet", steps=args.steps, lr=args.lr, split=split_of(name, args.split))
+    # the cost unit under this run's load: the 16-step baseline on every 8th arch, timed afresh
+    base = [full_fidelity(a, replace(ctx, space=None), 16, lr=0.002, seed=results["seed"],
+                          eval_items=SHORT_EVAL_ITEMS)["seconds"] for a in archs[::BASELINE_EVERY]]
     start = time.perf_counter()
     nets = proxy.fit(ctx)
     super_seconds = time.perf_counter() - start
     print(f"{config}: {len(nets)} supernet(s), {super_seconds:.0f}s", flush=True)
     scores = [proxy(a, ctx) for a in archs]
-    row = {"split": args.split, "split_decisions": split_of(name, args.split), "steps": args.steps, "lr": args.lr,
+    row = {"space": space.name, "split": args.split, "split_decisions": split_of(name, args.split),
+           "steps": args.steps, "lr": args.lr,
            "supernet_seed": args.supernet_seed, "groups": len(nets),
            "group_of_arch": [str(s.details["group"]) for s in scores], "supernet_seconds": super_seconds,
-           "seconds_per_arch": float(np.median([s.seconds for s in scores])), "values": [s.score for s in scores]}
+           "seconds_per_arch": float(np.median([s.seconds for s in scores])), "values": [s.score for s in scores],
+           "baseline_seconds": float(np.median(base))}
     path = args.work / "configs.json"
     with open(args.work / "configs.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -140,23 +147,34 @@ def report(args, results: dict) -> None:
            "ground_truth_validity_tau_in_source": results.get("ground_truth_validity_tau"),
            "ground_truth_tau_ceiling_in_source": results.get("ground_truth_tau_ceiling"),
            "source_ground_truth_tau_vs_here": tau([e["gt"]["task_loss"] for e in entries]) if recomputed else None,
-           "proxies": {"macs": {"kendall_tau": tau(macs), "cost_fraction_of_ground_truth": 0.0},
-                       "params": {"kendall_tau": tau(params), "cost_fraction_of_ground_truth": 0.0}}}
+           "proxies": {"macs": {"kendall_tau": tau(-macs), "cost_fraction_of_ground_truth": 0.0},
+                       "params": {"kendall_tau": tau(-params), "cost_fraction_of_ground_truth": 0.0}}}
     for name, (values, seconds) in baselines.items():
         out["proxies"][name] = {"kendall_tau": tau(values),
                                 "cost_fraction_of_ground_truth": float(np.median(seconds)) / gt_seconds}
+    if recomputed:  # the table as measured here, for search_quality.py --table-from
+        out["per_arch"] = {"ground_truth": truth.tolist(), **{k: list(v) for k, (v, _) in baselines.items()}}
+    if not recomputed:  # the source run's figures: the same archs against the same ground truth
+        for name in (BASELINE, "distill_task@20"):
+            out["proxies"][name] = {k: results["proxies"][name][k]
+                                    for k in ("kendall_tau", "cost_fraction_of_ground_truth")}
     configs_path = args.work / "configs.json"
     configs = json.loads(configs_path.read_text()) if configs_path.is_file() else {}
+    base_fraction = (out["proxies"][BASELINE]["cost_fraction_of_ground_truth"] if BASELINE in out["proxies"]
+                     else results["proxies"][BASELINE]["cost_fraction_of_ground_truth"])
+    out["baseline_cost_fraction"] = base_fraction
     for config, row in configs.items():
         values, groups = np.array(row["values"]), np.array(row["group_of_arch"])
-        one_time = row["supernet_seconds"] / TRIALS / gt_seconds
+        # a ground-truth run's seconds under this configuration's load: its baseline over the baseline's share
+        unit = row["baseline_seconds"] / base_fraction if "baseline_seconds" in row else gt_seconds
+        one_time = row["supernet_seconds"] / TRIALS / unit
         out["proxies"][f"supernet:{config}"] = {
-            **{k: v for k, v in row.items() if k not in ("values", "group_of_arch")},
+            **{k: v for k, v in row.items() if k != "group_of_arch"},
             "kind": "supernet", "kendall_tau": tau(values),
             "kendall_tau_within_groups": {g: float(kendalltau(values[groups == g], truth[groups == g]).statistic)
                                           for g in sorted(set(groups)) if (groups == g).sum() > 2},
             "cost_fraction_one_time": one_time,
-            "cost_fraction_of_ground_truth": one_time + row["seconds_per_arch"] / gt_seconds}
+            "cost_fraction_of_ground_truth": one_time + row["seconds_per_arch"] / unit}
     for name, row in out["proxies"].items():
         print(f"{name:>45}: tau {row['kendall_tau']:.3f}  cost {row['cost_fraction_of_ground_truth']:.1%}")
     stem = args.results.stem.removeprefix("proxy_validity_cosine").lstrip("_") or "digits"
@@ -179,8 +197,8 @@ if __name__ == "__main__":
     except (OSError, ValueError) as err:
         parser.error(f"--results: {args.results}: {err}")
     missing = [k for k in REQUIRED if k not in results]
-    if missing or len(results.get("archs", [])) != 64:
-        parser.error(f"--results: {args.results}: not a proxy_validity_cosine table run")
+    if missing:
+        parser.error(f"--results: {args.results}: not a proxy_validity_cosine results file (no {', '.join(missing)})")
     if args.steps < 1 or not args.lr > 0:
         parser.error("--steps must be >= 1 and --lr > 0")
     args.work = Path("runs") / f"proxy_supernet_{args.results.stem}"

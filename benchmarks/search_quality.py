@@ -103,6 +103,27 @@ def proxy_scores(name: str, rows: list[dict], anchors: list[dict]) -> list[float
     raise ValueError(f"unknown proxy {name!r}")
 
 
+def table_from(study: dict, results: dict, records: dict[UNetArch, dict]) -> dict[str, dict[UNetArch, float]]:
+    """The supernet configurations of a ``proxy_supernet_*.json`` as proxies (``supernet:CONFIG`` -> the table
+    archs' values, in ``results``' order). Where that study recomputed the table on its own teacher
+    (``per_arch``), its ground truth, ``cosine@16/lr0.002`` and ``distill_task@20`` replace the source's in
+    ``records``: every proxy is then judged against the ground truth of the teacher it was measured with."""
+    order = [UNetArch.from_dict(e["arch"]) for e in results["archs"]]
+    per_arch = study.get("per_arch")
+    if per_arch is not None:
+        for i, arch in enumerate(order):
+            r = records[arch]
+            r["gt"] = per_arch["ground_truth"][i]
+            r["short"] = {**r["short"], "cosine@16/lr0.002": {"task_loss": per_arch["cosine@16/lr0.002"][i]}}
+            r["features"] = {**r["features"],
+                             "curve": {**r["features"]["curve"], "20": per_arch["distill_task@20"][i]}}
+    out = {}
+    for name, row in study["proxies"].items():
+        if name.startswith("supernet:"):
+            out[name] = dict(zip(order, row["values"], strict=True))
+    return out
+
+
 class RefineTableEvaluator(TableEvaluator):
     """The table evaluator whose refined value (``refine``) is the arch's ground truth: what training a finalist
     with the ground-truth protocol returns, looked up."""
@@ -203,6 +224,10 @@ def main() -> None:
                         help="a proxy_validity_cosine.py --tests table results file (default: digits, seed 0)")
     parser.add_argument("--proxies", nargs="+", default=["ground_truth", "surrogate6@5", "cosine@16/lr0.002",
                                                            "distill_task@20", "macs"])
+    parser.add_argument("--table-from", type=Path, default=None,
+                        help="a proxy_supernet_*.json: its supernet configurations become proxies "
+                             "(supernet:CONFIG), and where it recomputed the table on its own teacher, that "
+                             "ground truth and its cosine@16/lr0.002 and distill_task@20 replace the source's")
     parser.add_argument("--strategy", default="evolution")
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=5)
@@ -225,6 +250,15 @@ def main() -> None:
     except (OSError, ValueError, KeyError, TypeError) as err:
         parser.error(f"--results: {args.results}: {err!r}" if isinstance(err, KeyError) else
                      f"--results: {args.results}: {err}")
+    supernets: dict[str, dict[UNetArch, float]] = {}
+    if args.table_from is not None:
+        try:
+            study = json.loads(args.table_from.read_text())
+            if study.get("source") != args.results.name:
+                raise ValueError(f"it studied {study.get('source')}, not {args.results.name}")
+            supernets = table_from(study, results, records)
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--table-from: {args.table_from}: {err}")
     bench = get_benchmark(bench_name, seed=0)
     latent, text_len = bench.data.latent_shape[-1], bench.data.text.shape[1]
     # the experiment's latency objective and the table's: A10G, fp16, batch 2, at the benchmark's shapes
@@ -243,7 +277,8 @@ def main() -> None:
     all_scores: dict[str, list[float]] = {}
     for name in args.proxies:  # every name checked before the first search runs
         try:
-            all_scores[name] = proxy_scores(name, [records[a] for a in archs], anchors)
+            all_scores[name] = ([supernets[name][a] for a in archs] if name in supernets else
+                                proxy_scores(name, [records[a] for a in archs], anchors))
         except (ValueError, KeyError, IndexError) as err:
             parser.error(f"--proxies: {name}: {err}")
 
@@ -295,8 +330,12 @@ def main() -> None:
 
     name = "search_quality" + ("" if (bench_name, run_seed) == ("digits", 0) else f"_{bench_name}_seed{run_seed}")
     name += f"_workers{args.workers}" if args.workers > 1 else ""
+    name += "_supernet" if args.table_from is not None else ""
     path = write_result(name, {
         "source": args.results.name, "benchmark_name": bench_name, "seed": run_seed,
+        "table_from": args.table_from.name if args.table_from is not None else None,
+        "ground_truth_teacher": ("recomputed on the teacher of --table-from" if args.table_from is not None
+                         and "per_arch" in study else "the source run's"),
         "space": {"name": space_data["name"], "archs": len(archs), "definition": space_data},
         "ground_truth": "the cosine protocol of proxy_validity_cosine.py (validated against 5x longer training)",
         "latency": f"RooflinePredictor a10g fp16, batch 2, {latent * 8} px, {text_len} tokens "
