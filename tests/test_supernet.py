@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -99,6 +100,23 @@ def test_deterministic_under_its_seed_and_the_seed_matters():
         assert fewer != once  # the training is what the scores come from
     finally:
         torch.set_num_threads(threads)
+
+
+def test_micro_batches_train_the_same_supernets():
+    """``quality_context.micro_batch`` bounds memory at SD scale; the supernets it trains are the same up to
+    float rounding."""
+    from proxies.data import digits_cache
+    from proxies.quality import QualityContext
+    from search_spaces.space import SearchSpace
+
+    space = SearchSpace.from_yaml(ROOT / "search_spaces" / "spaces" / "digits.yaml")
+    out = []
+    for micro in (None, 3):
+        ctx = QualityContext(data=digits_cache(seed=0), seed=3, batch_size=8, eval_items=8, space=space,
+                             micro_batch=micro)
+        ctx.teacher = ctx.build(get_arch("digits"), seed=3).eval()
+        out.append(make_proxy("supernet", steps=4, eval_items=8)(space.sample(random.Random(1)), ctx).score)
+    assert out[0] == pytest.approx(out[1], rel=1e-4)
 
 
 def test_a_student_trains_the_supernets_own_tensors():

@@ -219,13 +219,18 @@ class Supernet(QualityProxy):
             x0, text, t, noise = ctx.batch(gen)
             opt.zero_grad(set_to_none=True)
             model.train()
-            with ctx.autocast():
-                loss = step_loss(model, ctx, x0, text, t, noise, ctx.teacher, pairs)
-            loss.backward()
+            chunk, total = ctx.micro_batch or x0.shape[0], 0.0
+            for start in range(0, x0.shape[0], chunk):  # micro-batches add up to the batch mean, as in train()
+                part = slice(start, start + chunk)
+                with ctx.autocast():
+                    loss = step_loss(model, ctx, x0[part], text[part], t[part], noise[part], ctx.teacher, pairs)
+                weight = min(chunk, x0.shape[0] - start) / x0.shape[0]
+                (loss * weight).backward()
+                total += loss.item() * weight
             opt.step()
             sched.step()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"supernet training loss became {loss.item()} at step {step + 1}")
+            if not torch.isfinite(torch.tensor(total)):
+                raise FloatingPointError(f"supernet training loss became {total} at step {step + 1}")
             step += 1
             if state_path is not None and (step % self.checkpoint_every == 0 or step == o["steps"]):
                 self._save(state_path, nets, opt, sched, rng, gen, step)
