@@ -40,7 +40,7 @@ from search_spaces.inherit import check_new_modules, inherit_weights, module_map
 
 from .base import QualityContext, QualityProxy, Report, evaluate
 from .surrogate import _locked, arch_key
-from .train import lr_factor, paired_stages, step_loss
+from .train import backward_batch, lr_factor, paired_stages
 
 POOL = 1024  # archs sampled (or enumerated) once to find the groups and their largest archs
 BUILT = 64  # sub-models kept built during training (they hold only what the supernet cannot share)
@@ -216,17 +216,9 @@ class Supernet(QualityProxy):
                     models.popitem(last=False)
             models.move_to_end(arch_key(arch))
             model, pairs = models[arch_key(arch)]
-            x0, text, t, noise = ctx.batch(gen)
             opt.zero_grad(set_to_none=True)
             model.train()
-            chunk, total = ctx.micro_batch or x0.shape[0], 0.0
-            for start in range(0, x0.shape[0], chunk):  # micro-batches add up to the batch mean, as in train()
-                part = slice(start, start + chunk)
-                with ctx.autocast():
-                    loss = step_loss(model, ctx, x0[part], text[part], t[part], noise[part], ctx.teacher, pairs)
-                weight = min(chunk, x0.shape[0] - start) / x0.shape[0]
-                (loss * weight).backward()
-                total += loss.item() * weight
+            total = backward_batch(model, ctx, ctx.batch(gen), ctx.teacher, pairs)
             opt.step()
             sched.step()
             if not torch.isfinite(torch.tensor(total)):

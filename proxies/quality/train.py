@@ -90,6 +90,23 @@ def step_loss(model: nn.Module, ctx: QualityContext, x0: torch.Tensor, text: tor
     return loss
 
 
+def backward_batch(model: nn.Module, ctx: QualityContext, batch: tuple[torch.Tensor, ...],
+                   teacher: nn.Module | None = None, pairs: list[tuple[str, str]] = ()) -> float:
+    """Accumulate the gradients of one batch's :func:`step_loss` (forward passes under the context's autocast), in
+    chunks of the context's ``micro_batch`` that add up to the batch mean; return the loss."""
+    x0, text, t, noise = batch
+    chunk = ctx.micro_batch or x0.shape[0]
+    total = 0.0
+    for start in range(0, x0.shape[0], chunk):
+        part = slice(start, start + chunk)
+        with ctx.autocast():
+            loss = step_loss(model, ctx, x0[part], text[part], t[part], noise[part], teacher, pairs)
+        weight = min(chunk, x0.shape[0] - start) / x0.shape[0]
+        (loss * weight).backward()
+        total += loss.item() * weight
+    return total
+
+
 def train(model: nn.Module, ctx: QualityContext, steps: int, lr: float = 1e-3, seed: int | None = None,
           teacher: nn.Module | None = None, feature_kd: bool = True, report: Report | None = None,
           eval_every: int = 0, schedule: str = "constant", warmup: float = 0.0) -> dict[str, Any]:
@@ -107,16 +124,8 @@ def train(model: nn.Module, ctx: QualityContext, steps: int, lr: float = 1e-3, s
     losses: list[float] = []
     stopped_at = None
     for step in range(1, steps + 1):
-        x0, text, t, noise = ctx.batch(g)
         opt.zero_grad(set_to_none=True)
-        chunk = ctx.micro_batch or x0.shape[0]
-        total = 0.0
-        for start in range(0, x0.shape[0], chunk):
-            part = slice(start, start + chunk)
-            loss = step_loss(model, ctx, x0[part], text[part], t[part], noise[part], teacher, pairs)
-            weight = min(chunk, x0.shape[0] - start) / x0.shape[0]  # micro-batches add up to the batch mean
-            (loss * weight).backward()
-            total += loss.item() * weight
+        total = backward_batch(model, ctx, ctx.batch(g), teacher, pairs)
         opt.step()
         sched.step()
         if not torch.isfinite(torch.tensor(total)):
