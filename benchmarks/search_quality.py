@@ -104,7 +104,7 @@ def proxy_scores(name: str, rows: list[dict], anchors: list[dict]) -> list[float
 
 
 def table_from(study: dict, results: dict, records: dict[UNetArch, dict]) -> dict[str, dict[UNetArch, float]]:
-    """The supernet configurations of a ``proxy_supernet_*.json`` as proxies (``supernet:CONFIG`` -> the table
+    """The supernet configurations of a ``proxy_validity_supernet_*.json`` as proxies (``supernet:CONFIG`` -> the table
     archs' values, in ``results``' order). Where that study recomputed the table on its own teacher
     (``per_arch``), its ground truth, ``cosine@16/lr0.002`` and ``distill_task@20`` replace the source's in
     ``records``: every proxy is then judged against the ground truth of the teacher it was measured with."""
@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--proxies", nargs="+", default=["ground_truth", "surrogate6@5", "cosine@16/lr0.002",
                                                            "distill_task@20", "macs"])
     parser.add_argument("--table-from", type=Path, default=None,
-                        help="a proxy_supernet_*.json: its supernet configurations become proxies "
+                        help="a proxy_validity_supernet_*.json: its supernet configurations become proxies "
                              "(supernet:CONFIG), and where it recomputed the table on its own teacher, that "
                              "ground truth and its cosine@16/lr0.002 and distill_task@20 replace the source's")
     parser.add_argument("--strategy", default="evolution")
