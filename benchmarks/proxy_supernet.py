@@ -19,7 +19,8 @@ measured here; the supernets' seconds are one-time work divided by 200 trials (t
     python benchmarks/proxy_supernet.py --part run --results R --steps 2000 --split inheritance [--supernet-seed 1]
     python benchmarks/proxy_supernet.py --part report --results R
 
-Writes ``benchmarks/results/proxy_validity_supernet_<source>.json`` (``digits`` for the digits seed-0 run).
+Writes ``benchmarks/results/proxy_validity_supernet_<source>.json`` (``digits``, ``digits_seed1``,
+``shapes2_table_teacher4000``, ...).
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def report(args, results: dict) -> None:
             "cost_fraction_of_ground_truth": one_time + row["seconds_per_arch"] / unit}
     for name, row in out["proxies"].items():
         print(f"{name:>45}: tau {row['kendall_tau']:.3f}  cost {row['cost_fraction_of_ground_truth']:.1%}")
-    stem = args.results.stem.removeprefix("proxy_validity_cosine").lstrip("_") or "digits"
+    stem = args.results.stem.removeprefix("proxy_validity_cosine").lstrip("_")
+    stem = stem if stem.startswith(("digits", "shapes")) else "_".join(["digits", stem] if stem else ["digits"])
     dest = Path("benchmarks/results") / f"proxy_validity_supernet_{stem}.json"
     atomic_write(dest, json.dumps(out, indent=1) + "\n")
     print(f"ground truth: {out['ground_truth']}; wrote {dest}")
