@@ -98,6 +98,8 @@ class Evaluator:
                 proxy = self._proxies[obj.name] = self._make_proxy(obj)
                 if hasattr(proxy, "fit"):  # one-time work (the surrogate's anchors): cached in the run folder,
                     self.log(f"{obj.name}: one-time work of the {proxy.name} proxy (cached, resumable)")
+                    if hasattr(proxy, "log"):
+                        proxy.log = self.log
                     proxy.fit(ctx)  # done by one process of the machine while the others wait for it
             elif obj.kind == "latency":
                 self._predictors[obj.name] = self._predictor(obj)

@@ -95,6 +95,7 @@ class Supernet(QualityProxy):
                         "eval_items": eval_items, "new_modules": new_modules}
         self.checkpoint_every = checkpoint_every
         self.name = f"supernet{steps}"
+        self.log: Any = None  # a callable the search sets: a line every checkpoint (the one-time work takes minutes)
         self._nets: dict[tuple, nn.Module] | None = None
         self._groups: dict[tuple, UNetArch] = {}
         self._split_idx: list[int] = []
@@ -224,8 +225,11 @@ class Supernet(QualityProxy):
             if not torch.isfinite(torch.tensor(total)):
                 raise FloatingPointError(f"supernet training loss became {total} at step {step + 1}")
             step += 1
-            if state_path is not None and (step % self.checkpoint_every == 0 or step == o["steps"]):
-                self._save(state_path, nets, opt, sched, rng, gen, step)
+            if step % self.checkpoint_every == 0 or step == o["steps"]:
+                if state_path is not None:
+                    self._save(state_path, nets, opt, sched, rng, gen, step)
+                if self.log is not None:
+                    self.log(f"{self.name}: {len(nets)} supernet(s), step {step}/{o['steps']}, loss {total:.4f}")
         for net in nets.values():
             net.eval().requires_grad_(False)
         return nets
