@@ -107,7 +107,7 @@ def run(args, results: dict) -> None:
            "supernet_seed": args.supernet_seed, "groups": len(nets),
            "group_of_arch": [str(s.details["group"]) for s in scores], "supernet_seconds": super_seconds,
            "seconds_per_arch": float(np.median([s.seconds for s in scores])), "values": [s.score for s in scores],
-           "baseline_seconds": float(np.median(base))}
+           "baseline_seconds": float(np.median(base)), "baseline_seconds_all": base}
     path = args.work / "configs.json"
     with open(args.work / "configs.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -154,9 +154,13 @@ def report(args, results: dict) -> None:
            "proxies": {"macs": {"kind": "baseline", "kendall_tau": tau(-macs), "cost_fraction_of_ground_truth": 0.0},
                        "params": {"kind": "baseline", "kendall_tau": tau(-params),
                                   "cost_fraction_of_ground_truth": 0.0}}}
+    if recomputed:  # the timing noise floor: how much one job's seconds vary across the table under the run's load
+        out["ground_truth_seconds_p10_p90"] = [float(np.percentile([r["seconds"] for r in gt_runs], q))
+                                               for q in (10, 90)]
     for name, (values, seconds) in baselines.items():
         out["proxies"][name] = {"kind": "distill", "kendall_tau": tau(values),
-                                "cost_fraction_of_ground_truth": float(np.median(seconds)) / gt_seconds}
+                                "cost_fraction_of_ground_truth": float(np.median(seconds)) / gt_seconds,
+                                "seconds_p10_p90": [float(np.percentile(seconds, q)) for q in (10, 90)]}
     if recomputed:  # the table as measured here, for search_quality.py --table-from
         out["per_arch"] = {"ground_truth": truth.tolist(), **{k: list(v) for k, (v, _) in baselines.items()}}
     if not recomputed:  # the source run's figures: the same archs against the same ground truth
