@@ -66,7 +66,7 @@ def share_weights(student: nn.Module, supernet: nn.Module) -> tuple[int, int]:
     return shared, sum(p.numel() for p in mine.values())
 
 
-def _is_int_list(value: Any) -> bool:
+def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -82,7 +82,7 @@ class Supernet(QualityProxy):
         check_new_modules(new_modules)
         for field, value, low in (("steps", steps, 1), ("eval_items", eval_items, 1),
                                   ("checkpoint_every", checkpoint_every, 1)):
-            if not _is_int_list(value) or value < low:
+            if not _is_int(value) or value < low:
                 raise ConfigError(f"must be an integer >= {low}, got {value!r}", field=field)
         if not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0:
             raise ConfigError(f"must be a number > 0, got {lr!r}", field="lr")
@@ -111,7 +111,7 @@ class Supernet(QualityProxy):
                                   field=f"split[{i}]")
         out = []
         for i, d in enumerate(space.decisions):
-            layout = len(d.choices) > 1 and (d.name.endswith(".channels") or not all(map(_is_int_list, d.choices)))
+            layout = len(d.choices) > 1 and (d.name.endswith(".channels") or not all(map(_is_int, d.choices)))
             if d.name in self.options["split"] or layout:
                 out.append(i)
         return out
@@ -135,10 +135,11 @@ class Supernet(QualityProxy):
         for a in pool:
             members.setdefault(self.group_of(space, a), []).append(a)
         text_len = ctx.data.text.shape[1]
+        largest = [max(range(len(d.choices)), key=lambda k, d=d: d.choices[k]) if _is_int(d.choices[0]) else 0
+                   for d in space.decisions]
         out = {}
         for key in sorted(members):
-            code = [max(range(len(d.choices)), key=lambda k, d=d: d.choices[k]) if _is_int_list(d.choices[0]) else 0
-                    for d in space.decisions]
+            code = list(largest)
             for i, k in zip(self._split_idx, key, strict=True):
                 code[i] = k
             try:
@@ -156,7 +157,8 @@ class Supernet(QualityProxy):
     def cache_folder(self, ctx: QualityContext) -> Path | None:
         if ctx.cache_dir is None:
             return None
-        digest = hashlib.sha1(json.dumps({**self.options, "seed": ctx.seed}, sort_keys=True).encode())
+        trained = {k: v for k, v in self.options.items() if k != "eval_items"}  # scoring does not change them
+        digest = hashlib.sha1(json.dumps({**trained, "seed": ctx.seed}, sort_keys=True).encode())
         return Path(ctx.cache_dir) / "supernet" / f"{self.name}-{digest.hexdigest()[:8]}"
 
     def fit(self, ctx: QualityContext) -> dict[tuple, nn.Module]:
