@@ -12,10 +12,15 @@ A ground truth belongs to its teacher, and a teacher retrained on other CPU kern
 beat (``cosine@16/lr0.002``, ``distill_task@20``), in the source run's work folder, two processes sharing the
 table. ``--part report`` judges every configuration and those baselines against it (or against the source run's
 ground truth until it is complete, which the report says), costs as shares of the median ground-truth run
-measured here; the supernets' seconds are one-time work divided by 200 trials (the issue's rule).
+measured here; the supernets' seconds are one-time work divided by 200 trials (the issue's rule). A recomputed
+ground truth cannot borrow the source run's validity either: ``--part validity`` trains 10 table archs spread
+over its range 5x longer (1,000 steps) and repeats their 200-step runs under another data-order seed, and the
+report gives that validity tau and repeat noise in place of the source run's.
 
     python benchmarks/proxy_supernet.py --part gt --results R &   # R: a proxy_validity_cosine*.json of a table run
     python benchmarks/proxy_supernet.py --part gt --results R
+    python benchmarks/proxy_supernet.py --part validity --results R &   # two processes share the 20 runs
+    python benchmarks/proxy_supernet.py --part validity --results R
     python benchmarks/proxy_supernet.py --part run --results R --steps 2000 --split inheritance [--supernet-seed 1]
     python benchmarks/proxy_supernet.py --part report --results R
 
@@ -37,6 +42,7 @@ import torch
 from common import environment
 from proxy_step_budget import REQUIRED, run_args
 from proxy_validity_cosine import SHORT_EVAL_ITEMS, cached, gt, run_claimed, setup, table_space
+from proxy_validity_report import noise_figures
 from scipy.stats import kendalltau
 
 from proxies.quality import make_proxy
@@ -46,17 +52,22 @@ from search_spaces import SearchSpace, UNetArch
 from search_spaces.yamlio import atomic_write
 
 TRIALS = 200  # one-time work is divided by this many trials (the issue's rule)
+VALIDITY_ARCHS = 10  # table archs spread over the recomputed ground truth, trained 5x longer and repeated
+LONG_FACTOR = 5
 BASELINE_EVERY = 8
 BASELINE = "cosine@16/lr0.002"
 
 
-def split_of(benchmark: str, split: str) -> list[str]:
-    """The ``split`` option of the supernet proxy: with ``inheritance``, the down stage whose keeping one ResNet
-    breaks inheritance (digits: the first; shapes and shapes2: the second; see ``table_space``), else none (a
-    one-shot supernet)."""
-    if split == "none":
-        return []
-    return ["down[0].resnets" if benchmark == "digits" else "down[1].resnets"]
+def split_of(benchmark: str, split: str) -> str | list[str]:
+    """The ``split`` option of the supernet proxy: ``auto`` (the proxy's default: the ResNet counts that damage
+    inheritance most, as many as its steps allow); with ``inheritance``, the down stage whose keeping one ResNet
+    breaks inheritance (digits: the first; shapes and shapes2: the second; see ``table_space``); with a
+    comma-separated list of decision names, those; else none (a one-shot supernet)."""
+    if split in ("none", "auto"):
+        return [] if split == "none" else "auto"
+    if split == "inheritance":
+        return ["down[0].resnets" if benchmark == "digits" else "down[1].resnets"]
+    return split.split(",")
 
 
 def context(results: dict) -> tuple:
@@ -84,6 +95,56 @@ def run_gt(args, results: dict) -> None:
     run_claimed(rargs, jobs)
 
 
+def validity_archs(rargs, archs: list[UNetArch]) -> list[UNetArch]:
+    """``VALIDITY_ARCHS`` table archs spread evenly over the range of this machine's ground truth (best to
+    worst), so that the 5x check covers close pairs and distant ones alike."""
+    paths = [rargs.work / f"gt-{arch_key(a)}-200-{rargs.seed}.json" for a in archs]
+    if not all(p.is_file() for p in paths):
+        raise SystemExit("run --part gt to the end first: the validity archs are picked by its ground truth")
+    order = np.argsort([json.loads(p.read_text())["task_loss"] for p in paths])
+    return [archs[order[i]] for i in np.linspace(0, len(archs) - 1, VALIDITY_ARCHS).round().astype(int)]
+
+
+def run_validity(args, results: dict) -> None:
+    """The recomputed ground truth's own validity and repeat noise, on this machine's teacher (a recomputed
+    table cannot borrow the source run's): each validity arch's ground truth again under another data-order
+    seed, then trained ``LONG_FACTOR`` x longer with the same protocol. Claimed, so two processes share it."""
+    ctx, rargs, archs = context(results)
+    chosen = validity_archs(rargs, archs)
+    long_steps = 200 * LONG_FACTOR
+    jobs = [(f"supernet-repeat-{i}", lambda a=a: gt(rargs, ctx, a, 200, rargs.seed + 1000))
+            for i, a in enumerate(chosen)]
+    jobs += [(f"supernet-long-{i}", lambda a=a: gt(rargs, ctx, a, long_steps, rargs.seed))
+             for i, a in enumerate(chosen)]
+    run_claimed(rargs, jobs)
+
+
+def validity_here(rargs, archs: list[UNetArch], truth: np.ndarray) -> dict:
+    """Validity (tau of the 200-step ranking against the 5x one) and repeat noise of the recomputed ground truth,
+    from what ``--part validity`` finished; empty when it has not started."""
+    try:
+        chosen = validity_archs(rargs, archs)
+    except SystemExit:
+        return {}
+    read = lambda a, steps, seed: (json.loads(p.read_text())["task_loss"]  # noqa: E731
+                                   if (p := rargs.work / f"gt-{arch_key(a)}-{steps}-{seed}.json").is_file() else None)
+    first = [read(a, 200, rargs.seed) for a in chosen]
+    reps = [(f, r) for f, a in zip(first, chosen, strict=True) if (r := read(a, 200, rargs.seed + 1000)) is not None]
+    longs = [(f, g) for f, a in zip(first, chosen, strict=True)
+             if (g := read(a, 200 * LONG_FACTOR, rargs.seed)) is not None]
+    out: dict = {}
+    if len(reps) >= 3:
+        out.update(noise_figures([f for f, _ in reps], [r for _, r in reps], truth.tolist()))
+    if len(longs) >= 3:
+        out["ground_truth_validity_n"] = len(longs)
+        out["ground_truth_validity_long_steps"] = 200 * LONG_FACTOR
+        out["ground_truth_validity_tau"] = float(kendalltau([f for f, _ in longs], [g for _, g in longs]).statistic)
+    if out:
+        out["ground_truth_validity_measured"] = (f"here, on this machine's teacher: {len(longs)} of {len(chosen)} "
+                                                 f"5x runs, {len(reps)} of {len(chosen)} repeats")
+    return out
+
+
 def run(args, results: dict) -> None:
     """One supernet configuration of the product's proxy on the table space: the one-time work, then every table
     arch scored; the values and the seconds are kept in the work folder."""
@@ -102,7 +163,8 @@ def run(args, results: dict) -> None:
     super_seconds = time.perf_counter() - start
     print(f"{config}: {len(nets)} supernet(s), {super_seconds:.0f}s", flush=True)
     scores = [proxy(a, ctx) for a in archs]
-    row = {"space": space.name, "split": args.split, "split_decisions": split_of(name, args.split),
+    row = {"space": space.name, "split": args.split, "split_decisions": proxy.split_names,
+           "split_damage": proxy.split_damage,
            "steps": args.steps, "lr": args.lr,
            "supernet_seed": args.supernet_seed, "groups": len(nets),
            "group_of_arch": [str(s.details["group"]) for s in scores], "supernet_seconds": super_seconds,
@@ -146,14 +208,17 @@ def report(args, results: dict) -> None:
            "ground_truth": "recomputed on this machine's teacher" if recomputed else "the source run's",
            "ground_truth_seconds_median": gt_seconds,
            # the protocol's validity (tau against 5x longer training) and repeat-noise ceiling, measured by the
-           # source run on its teacher; not measured again on a recomputed table's teacher
+           # source run on its teacher; replaced below by --part validity's figures on a recomputed table
            "ground_truth_validity_tau": results.get("ground_truth_validity_tau"),
            "ground_truth_tau_ceiling": results.get("ground_truth_tau_ceiling"),
            "ground_truth_pairs_tied_within_noise": results.get("ground_truth_pairs_tied_within_noise"),
+           "ground_truth_validity_measured": "by the source run, on its teacher",
            "source_ground_truth_tau_vs_here": tau([e["gt"]["task_loss"] for e in entries]) if recomputed else None,
            "proxies": {"macs": {"kind": "baseline", "kendall_tau": tau(-macs), "cost_fraction_of_ground_truth": 0.0},
                        "params": {"kind": "baseline", "kendall_tau": tau(-params),
                                   "cost_fraction_of_ground_truth": 0.0}}}
+    if recomputed:  # the recomputed ground truth's own validity and noise where --part validity measured them
+        out.update(validity_here(rargs, archs, truth))
     if recomputed:  # the timing noise floor: how much one job's seconds vary across the table under the run's load
         out["ground_truth_seconds_p10_p90"] = [float(np.percentile([r["seconds"] for r in gt_runs], q))
                                                for q in (10, 90)]
@@ -196,10 +261,11 @@ def report(args, results: dict) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, required=True, help="a proxy_validity_cosine*.json of a table run")
-    parser.add_argument("--part", choices=("gt", "run", "report"), default="run")
+    parser.add_argument("--part", choices=("gt", "validity", "run", "report"), default="run")
     parser.add_argument("--steps", type=int, default=2000, help="supernet arch-steps in all groups together")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--split", choices=("inheritance", "none"), default="inheritance")
+    parser.add_argument("--split", default="auto",
+                        help="auto, inheritance, none, or a comma-separated list of the space's decision names")
     parser.add_argument("--supernet-seed", type=int, default=0)
     args = parser.parse_args()
     try:
@@ -214,4 +280,4 @@ if __name__ == "__main__":
     args.work = Path("runs") / f"proxy_supernet_{args.results.stem}"
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    {"gt": run_gt, "run": run, "report": report}[args.part](args, results)
+    {"gt": run_gt, "validity": run_validity, "run": run, "report": report}[args.part](args, results)

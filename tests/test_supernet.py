@@ -187,3 +187,35 @@ def test_a_search_with_two_workers_trains_the_supernets_once(tmp_path):
     study = optuna.load_study(study_name="sn", storage=f"sqlite:///{run / 'study.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 4 and len({t.values[1] for t in done}) > 1
+
+
+def test_auto_split_takes_the_most_damaging_resnet_counts_its_steps_can_feed():
+    """``split: auto`` (the default) measures how much each ResNet count's smallest choice damages inheritance and
+    splits on the worst, as many as leave every group ``GROUP_STEPS`` steps; with few steps, on none."""
+    from proxies.data import digits_cache
+    from proxies.quality import QualityContext
+    from proxies.quality.supernet import AUTO_DAMAGE, GROUP_STEPS
+    from proxies.quality.train import train
+    from search_spaces.space import SearchSpace
+
+    space = SearchSpace.from_yaml(ROOT / "search_spaces" / "spaces" / "digits.yaml")
+    ctx = QualityContext(data=digits_cache(seed=0), seed=3, batch_size=8, eval_items=8, space=space)
+    ctx.teacher = ctx.build(get_arch("digits"), seed=3)
+    train(ctx.teacher, ctx, 20, lr=3e-3)  # a teacher whose inheritance a removed ResNet can damage
+    ctx.teacher.eval()
+    resnets = {d.name for d in space.decisions if d.name.endswith(".resnets") and len(d.choices) > 1}
+    few = make_proxy("supernet", steps=12, eval_items=8)
+    assert len(few.find_groups(ctx)) == 2 and few.split_names == []  # the mid upsampler's layouts only
+    assert set(few.split_damage) == resnets
+    many = make_proxy("supernet", steps=4000, eval_items=8)
+    groups = many.find_groups(ctx)
+    damage = many.split_damage
+    assert "down[0].resnets" in many.split_names  # its skips shift: the damage the split is for
+    assert len(groups) * GROUP_STEPS <= 4000
+    assert all(damage[n] >= AUTO_DAMAGE for n in many.split_names)
+    assert many.split_names == sorted(many.split_names, key=lambda n: -damage[n])
+    assert {tuple(many.group_of(space, a)) for a in groups.values()} == set(groups)
+    # an explicit list is taken as given
+    named = make_proxy("supernet", steps=4000, eval_items=8, split=["down[2].resnets"])
+    groups = named.find_groups(ctx)  # split where the third stage exists, on the upsampler everywhere
+    assert named.split_names == ["down[2].resnets"] and len(groups) == 6 and named.split_damage == {}

@@ -3,7 +3,9 @@
 One-time work (once per run, whatever the number of workers): the space is split into groups by the values of
 the ``split`` decisions (few-shot NAS: archs whose inheritance differs in kind, such as a down stage that keeps one
 ResNet so that its up stage's skips shift, get their own supernet), plus every decision whose choices change a
-width or the layout (channels, a mid-block upsampler), which no shared tensor could serve. Each group's supernet
+width or the layout (channels, a mid-block upsampler), which no shared tensor could serve. ``split: auto`` (the
+default) measures which ResNet counts damage inheritance (:meth:`Supernet._auto_split`) and splits on the worst
+as far as ``steps`` can feed the groups. Each group's supernet
 is its largest arch, initialised from the teacher as any student is. Training draws one arch per step, the groups
 in turn and the arch uniformly inside its group; the arch is built, inherits the teacher's weights and then uses
 the supernet's own tensors for every parameter the supernet holds with the same shape (the module map of weight
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -42,6 +45,8 @@ from .base import QualityContext, QualityProxy, Report, evaluate
 from .surrogate import _locked, arch_key
 from .train import backward_batch, lr_factor, paired_stages
 
+AUTO_DAMAGE = 0.1  # split: auto splits on ResNet counts whose removal raises the inherited loss >= 10.5%
+GROUP_STEPS = 500  # ... while every group keeps this many training steps (8 groups of 250 ranked digits worse)
 POOL = 1024  # archs sampled (or enumerated) once to find the groups and their largest archs
 BUILT = 64  # sub-models kept built during training (they hold only what the supernet cannot share)
 
@@ -72,12 +77,13 @@ def _is_int(value: Any) -> bool:
 
 class Supernet(QualityProxy):
     """Few-shot supernets trained once for ``steps`` arch-steps at peak ``lr`` (cosine after ``warmup``), split
-    by the ``split`` decisions (names of the space's decisions, e.g. ``down[1].resnets``; widths and layouts are
-    split on always); per trial the held-out loss of the arch's shared weights on ``eval_items`` items."""
+    by the ``split`` decisions (``auto``, or names of the space's decisions, e.g. ``[down[1].resnets]``; widths and
+    layouts are split on always); per trial the held-out loss of the arch's shared weights on ``eval_items``
+    items."""
 
     kind = "supernet"
 
-    def __init__(self, steps: int = 2000, lr: float = 1e-3, warmup: float = 0.1, split: list[str] | tuple = (),
+    def __init__(self, steps: int = 2000, lr: float = 1e-3, warmup: float = 0.1, split: str | list[str] = "auto",
                  eval_items: int = 64, checkpoint_every: int = 100, new_modules: str = "fresh"):
         check_new_modules(new_modules)
         for field, value, low in (("steps", steps, 1), ("eval_items", eval_items, 1),
@@ -88,10 +94,11 @@ class Supernet(QualityProxy):
             raise ConfigError(f"must be a number > 0, got {lr!r}", field="lr")
         if not isinstance(warmup, int | float) or isinstance(warmup, bool) or not 0 <= warmup < 1:
             raise ConfigError(f"must be a fraction in [0, 1), got {warmup!r}", field="warmup")
-        if (isinstance(split, str) or not isinstance(split, list | tuple)
-                or not all(isinstance(s, str) for s in split) or len(set(split)) != len(split)):
-            raise ConfigError(f"must be a list of distinct decision names, got {split!r}", field="split")
-        self.options = {"steps": steps, "lr": float(lr), "warmup": float(warmup), "split": list(split),
+        if split != "auto" and (isinstance(split, str) or not isinstance(split, list | tuple)
+                                or not all(isinstance(s, str) for s in split) or len(set(split)) != len(split)):
+            raise ConfigError(f"must be 'auto' or a list of distinct decision names, got {split!r}", field="split")
+        self.options = {"steps": steps, "lr": float(lr), "warmup": float(warmup),
+                        "split": split if split == "auto" else list(split),
                         "eval_items": eval_items, "new_modules": new_modules}
         self.checkpoint_every = checkpoint_every
         self.name = f"supernet{steps}"
@@ -99,44 +106,93 @@ class Supernet(QualityProxy):
         self._nets: dict[tuple, nn.Module] | None = None
         self._groups: dict[tuple, UNetArch] = {}
         self._split_idx: list[int] = []
+        self.split_names: list[str] = []  # the decisions split on (``auto``: chosen by inheritance damage)
+        self.split_damage: dict[str, float] = {}  # ``auto``: each ResNet-count decision's measured damage
 
     # ---- groups ----------------------------------------------------------------------------------------------
 
-    def _split_decisions(self, space: Any) -> list[int]:
-        """Indices of the decisions that split the space: the asked ones, and every width or layout choice."""
+    def _split_decisions(self, space: Any, split: list[str]) -> list[int]:
+        """Indices of the decisions that split the space: ``split``, and every width or layout choice."""
         names = [d.name for d in space.decisions]
-        for i, name in enumerate(self.options["split"]):
+        for i, name in enumerate(split):
             if name not in names:
                 raise ConfigError(f"{name!r} is not a decision of the space (its decisions: {', '.join(names)})",
                                   field=f"split[{i}]")
         out = []
         for i, d in enumerate(space.decisions):
             layout = len(d.choices) > 1 and (d.name.endswith(".channels") or not all(map(_is_int, d.choices)))
-            if d.name in self.options["split"] or layout:
+            if d.name in split or layout:
                 out.append(i)
         return out
 
     def check_space(self, space: Any) -> None:
         """Refuse a ``split`` naming no decision of ``space`` (before any work is done)."""
-        self._split_decisions(space)
+        self._split_decisions(space, [] if self.options["split"] == "auto" else self.options["split"])
+
+    @staticmethod
+    def _largest_code(space: Any) -> list[int]:
+        """Every integer decision at its largest choice (the first choice elsewhere)."""
+        return [max(range(len(d.choices)), key=lambda k, d=d: d.choices[k]) if _is_int(d.choices[0]) else 0
+                for d in space.decisions]
+
+    def _auto_split(self, ctx: QualityContext) -> list[str]:
+        """The ResNet-count decisions whose smallest choice damages inheritance most, as many as the budget gives.
+
+        Removing a ResNet shifts the skip connections its up stage receives, so the teacher's weights fit the
+        shallower arch badly (held-out loss right after inheritance jumps), and archs on both sides of such a
+        choice need different shared weights; a supernet shared across them underrates what the ResNet is worth
+        (measured: the first two digits down stages' ResNets valued 3-6x too low). Measured per decision: the
+        largest arch and the same arch with that decision at its smallest choice, each inherited from the teacher
+        and evaluated once; ``damage`` is the log ratio of their held-out losses. Decisions with damage >=
+        ``AUTO_DAMAGE`` are split on, largest damage first, while every group keeps >= ``GROUP_STEPS`` steps (the
+        width and layout groups count too). Costs 1 + (ResNet-count decisions) evaluations."""
+        space = ctx.space
+        largest = self._largest_code(space)
+        base = space.decode(largest, check=False)
+        if not space.contains(base):
+            return []  # no single largest arch to measure against: no depth split
+        evaluate_at = replace(ctx, eval_items=self.options["eval_items"])
+        reference = math.log(evaluate(self._build(ctx, base), evaluate_at)["task_loss"])
+        damage, sizes = {}, {}
+        for i, d in enumerate(space.decisions):
+            if not (d.name.endswith(".resnets") and len(d.choices) > 1 and all(map(_is_int, d.choices))):
+                continue
+            code = list(largest)
+            code[i] = min(range(len(d.choices)), key=lambda k, d=d: d.choices[k])
+            try:
+                shallow = space.decode(code, check=False)
+            except ConfigError:
+                continue
+            if space.contains(shallow):
+                loss = evaluate(self._build(ctx, shallow), evaluate_at)["task_loss"]
+                damage[d.name], sizes[d.name] = math.log(loss) - reference, len(d.choices)
+        self.split_damage = damage
+        groups = math.prod(len(space.decisions[i].choices) for i in self._split_decisions(space, []))
+        chosen = []
+        for name in sorted(damage, key=lambda n: -damage[n]):
+            if damage[name] >= AUTO_DAMAGE and groups * sizes[name] * GROUP_STEPS <= self.options["steps"]:
+                chosen.append(name)
+                groups *= sizes[name]
+        return chosen
 
     def group_of(self, space: Any, arch: UNetArch) -> tuple:
         code = space.encode(arch)
         return tuple(code[i] for i in self._split_idx)
 
-    def _find_groups(self, ctx: QualityContext) -> dict[tuple, UNetArch]:
+    def find_groups(self, ctx: QualityContext) -> dict[tuple, UNetArch]:
         """Group key -> the group's largest arch: every other decision at its largest value when that arch falls
         in the group, else the pool's member with the most parameters."""
         space = ctx.space
-        self._split_idx = self._split_decisions(space)
+        split = self.options["split"]
+        self.split_names = self._auto_split(ctx) if split == "auto" else list(split)
+        self._split_idx = self._split_decisions(space, self.split_names)
         pool = space.enumerate() if space.cardinality() <= POOL else \
             [space.sample(random.Random(ctx.seed * 7919 + i)) for i in range(POOL)]
         members: dict[tuple, list[UNetArch]] = {}
         for a in pool:
             members.setdefault(self.group_of(space, a), []).append(a)
         text_len = ctx.data.text.shape[1]
-        largest = [max(range(len(d.choices)), key=lambda k, d=d: d.choices[k]) if _is_int(d.choices[0]) else 0
-                   for d in space.decisions]
+        largest = self._largest_code(space)
         out = {}
         for key in sorted(members):
             code = list(largest)
@@ -145,7 +201,7 @@ class Supernet(QualityProxy):
             try:
                 big = space.decode(code, check=False)
                 ok = space.contains(big) and self.group_of(space, big) == key
-            except ConfigError:
+            except (ConfigError, KeyError):  # a key with a decision that does not apply (-1): no such code
                 ok = False
             if not ok:
                 big = max(members[key], key=lambda a: arch_costs(a, batch=1, text_len=text_len).params)
@@ -169,7 +225,12 @@ class Supernet(QualityProxy):
             raise ConfigError("the supernet proxy needs the search space to build its supernets", field="space")
         if ctx.teacher is None:
             raise ConfigError("the supernet proxy inherits from and distils a teacher", field="teacher")
-        self._groups = self._find_groups(ctx)
+        self._groups = self.find_groups(ctx)
+        if self.log is not None:
+            damage = ", ".join(f"{k} {v:+.2f}" for k, v in self.split_damage.items())
+            split = self.split_names or "widths and layouts only"
+            self.log(f"{self.name}: {len(self._groups)} group(s), split on {split}"
+                     + (f" (inheritance damage, log loss: {damage})" if damage else ""))
         folder = self.cache_folder(ctx)
         if folder is None:
             self._nets = self._train(ctx, None)
