@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import itertools
 import json
 import time
 from dataclasses import replace
@@ -42,7 +43,7 @@ import torch
 from common import environment
 from proxy_step_budget import REQUIRED, run_args
 from proxy_validity_cosine import SHORT_EVAL_ITEMS, cached, gt, run_claimed, setup, table_space
-from proxy_validity_report import noise_figures
+from proxy_validity_report import _one_hot, noise_figures
 from scipy.stats import kendalltau
 
 from proxies.quality import make_proxy
@@ -145,6 +146,24 @@ def validity_here(rargs, archs: list[UNetArch], truth: np.ndarray) -> dict:
     return out
 
 
+def additivity(space: SearchSpace, archs: list[UNetArch], values: np.ndarray) -> dict:
+    """How additive a ranking is over the table's decisions: least squares of log ``values`` on the one-hot
+    encoding (main effects), then with every pairwise product. For the ground truth, the tau of each fit against
+    it is the best any additive (or pairwise) proxy could reach on this table; for a proxy, the main-effect R^2
+    says whether it could rank interactions at all."""
+    onehot = _one_hot(space, archs)
+    x = onehot[:, onehot.std(axis=0) > 0]
+    pairs = [x[:, i] * x[:, j] for i, j in itertools.combinations(range(x.shape[1]), 2)]
+    y = np.log(values)
+    out = {}
+    for name, design in (("additive", x), ("pairwise", np.column_stack([x, *pairs]) if pairs else x)):
+        design = np.column_stack([design, np.ones(len(y))])
+        fit = design @ np.linalg.lstsq(design, y, rcond=None)[0]
+        out[f"{name}_r2"] = float(1 - np.var(y - fit) / np.var(y))
+        out[f"{name}_fit_tau"] = float(kendalltau(fit, y).statistic)
+    return out
+
+
 def run(args, results: dict) -> None:
     """One supernet configuration of the product's proxy on the table space: the one-time work, then every table
     arch scored; the values and the seconds are kept in the work folder."""
@@ -232,6 +251,10 @@ def report(args, results: dict) -> None:
         for name in (BASELINE, "distill_task@20"):
             out["proxies"][name] = {"kind": "distill", **{k: results["proxies"][name][k]
                                                           for k in ("kendall_tau", "cost_fraction_of_ground_truth")}}
+    table = SearchSpace(table_space(results["benchmark_name"]))
+    on_table = all(table.contains(a) for a in archs)
+    if on_table:  # the ceiling of an additive proxy: the ground truth's own best additive fit
+        out["ground_truth_additivity"] = additivity(table, archs, truth)
     configs_path = args.work / "configs.json"
     configs = json.loads(configs_path.read_text()) if configs_path.is_file() else {}
     base_fraction = (out["proxies"][BASELINE]["cost_fraction_of_ground_truth"] if BASELINE in out["proxies"]
@@ -248,6 +271,7 @@ def report(args, results: dict) -> None:
             "kendall_tau_within_groups": {g: float(kendalltau(values[groups == g], truth[groups == g]).statistic)
                                           for g in sorted(set(groups)) if (groups == g).sum() > 2},
             "cost_fraction_one_time": one_time,
+            **({"additivity": additivity(table, archs, values)} if on_table else {}),
             "cost_fraction_of_ground_truth": one_time + row["seconds_per_arch"] / unit}
     for name, row in out["proxies"].items():
         print(f"{name:>45}: tau {row['kendall_tau']:.3f}  cost {row['cost_fraction_of_ground_truth']:.1%}")
