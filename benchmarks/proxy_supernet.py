@@ -273,8 +273,23 @@ def report(args, results: dict) -> None:
             "cost_fraction_one_time": one_time,
             **({"additivity": additivity(table, archs, values)} if on_table else {}),
             "cost_fraction_of_ground_truth": one_time + row["seconds_per_arch"] / unit}
+    within = {k: v for k, v in out["proxies"].items() if v["cost_fraction_of_ground_truth"] <= 0.10}
+    best = max(within, key=lambda k: within[k]["kendall_tau"])
+    out["best_proxy_within_10_percent"] = {"name": best, **{k: within[best][k] for k in
+                                                           ("kendall_tau", "cost_fraction_of_ground_truth")}}
+    # the product's default (split: auto) over every supernet seed run: the honest figure, not a best-of
+    auto = [v for k, v in out["proxies"].items() if k.startswith("supernet:auto/")]
+    if auto:
+        taus = [v["kendall_tau"] for v in auto]
+        out["supernet_auto"] = {"seeds": len(auto), "kendall_tau_min": min(taus), "kendall_tau_max": max(taus),
+                                "kendall_tau_mean": float(np.mean(taus)),
+                                "cost_fraction_max": max(v["cost_fraction_of_ground_truth"] for v in auto),
+                                "target_met_every_seed": all(t >= 0.85 for t in taus)}
     for name, row in out["proxies"].items():
         print(f"{name:>45}: tau {row['kendall_tau']:.3f}  cost {row['cost_fraction_of_ground_truth']:.1%}")
+    if auto:
+        print(f"split: auto over {len(auto)} seeds: tau {min(taus):.3f}-{max(taus):.3f}, "
+              f"target met on every seed: {out['supernet_auto']['target_met_every_seed']}")
     stem = args.results.stem.removeprefix("proxy_validity_cosine").lstrip("_")
     stem = stem if stem.startswith(("digits", "shapes")) else "_".join(["digits", stem] if stem else ["digits"])
     dest = Path("benchmarks/results") / f"proxy_validity_supernet_{stem}.json"
