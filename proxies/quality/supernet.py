@@ -1,19 +1,19 @@
 """Few-shot weight-sharing supernet proxy: the space's archs share trained weights, each trial only evaluates.
 
-One-time work (once per run, whatever the number of workers): the space is split into groups by the values of
-the ``split`` decisions (few-shot NAS: archs whose inheritance differs in kind, such as a down stage that keeps one
-ResNet so that its up stage's skips shift, get their own supernet), plus every decision whose choices change a
-width or the layout (channels, a mid-block upsampler), which no shared tensor could serve. ``split: auto`` (the
-default) measures which ResNet counts damage inheritance (:meth:`Supernet._auto_split`) and splits on the worst
-as far as ``steps`` can feed the groups. Each group's supernet
-is its largest arch, initialised from the teacher as any student is. Training draws one arch per step, the groups
-in turn and the arch uniformly inside its group; the arch is built, inherits the teacher's weights and then uses
-the supernet's own tensors for every parameter the supernet holds with the same shape (the module map of weight
-inheritance), so the step trains the shared weights with the ground-truth protocol's loss and schedule (BK-SDM
-distillation from the teacher, AdamW, cosine with warm-up). What the supernet cannot hold stays as inheritance
-left it, in training and in scoring alike. With a ``cache_dir`` in the context the state (weights, optimiser,
-random generators) is written atomically every ``checkpoint_every`` steps, a file lock makes the processes of one
-machine do the work once, and a killed run resumes from its last checkpoint to the same weights bit for bit.
+One-time work (once per run, whatever the number of workers): the space is split into groups by the values of the
+``split`` decisions (few-shot NAS: archs whose inheritance differs in kind, such as a down stage that keeps one
+ResNet so that its up stage's skips shift, get their own supernet), plus every decision whose choices change a width
+or the layout (channels, a mid-block upsampler), which no shared tensor could serve. ``split: auto`` (the default)
+measures which ResNet counts damage inheritance (:meth:`Supernet._auto_split`) and splits on the worst as far as
+``steps`` can feed the groups. Each group's supernet is its largest arch, initialised from the teacher as any
+student is. Training draws one arch per step, the groups in turn and the arch uniformly inside its group; the arch
+is built, inherits the teacher's weights and then uses the supernet's own tensors for every parameter the supernet
+holds with the same shape (the module map of weight inheritance), so the step trains the shared weights with the
+ground-truth protocol's loss and schedule (BK-SDM distillation from the teacher, AdamW, cosine with warm-up). What
+the supernet cannot hold stays as inheritance left it, in training and in scoring alike. With a ``cache_dir`` in the
+context the state (weights, optimiser, random generators) is written atomically every ``checkpoint_every`` steps, a
+file lock makes the processes of one machine do the work once, and a killed run resumes from its last checkpoint to
+the same weights bit for bit.
 
 Per trial: build the arch, inherit from the teacher, copy in its group's shared weights, and take the held-out
 loss on ``eval_items`` items (lower is better): one evaluation, no training.
@@ -139,16 +139,19 @@ class Supernet(QualityProxy):
         """The ResNet-count decisions whose smallest choice damages inheritance most, as many as the budget gives.
 
         Removing a ResNet shifts the skip connections its up stage receives, so the teacher's weights fit the
-        shallower arch badly (held-out loss right after inheritance jumps), and archs on both sides of such a
-        choice need different shared weights; a supernet shared across them underrates what the ResNet is worth
-        (measured: the first two digits down stages' ResNets valued 3-6x too low). Measured per decision: the
-        largest arch and the same arch with that decision at its smallest choice, each inherited from the teacher
-        and evaluated once; ``damage`` is the log ratio of their held-out losses. Decisions with damage >=
-        ``AUTO_DAMAGE`` are split on, largest damage first, while every group keeps >= ``GROUP_STEPS`` steps (the
+        shallower arch badly (held-out loss right after inheritance jumps), and archs on both sides of such a choice
+        need different shared weights; a supernet shared across them underrates what the ResNet is worth (measured
+        on digits and shapes2: ResNets not split on valued 3-6x too low, attention sized within 30%). Measured per
+        decision: the largest arch and the same arch with that decision at its smallest choice, each inherited from
+        the teacher and evaluated once; ``damage`` is the log ratio of their held-out losses. Decisions with damage
+        >= ``AUTO_DAMAGE`` are split on, largest damage first, while every group keeps >= ``GROUP_STEPS`` steps (the
         width and layout groups count too). Costs 1 + (ResNet-count decisions) evaluations."""
         space = ctx.space
         largest = self._largest_code(space)
-        base = space.decode(largest, check=False)
+        try:
+            base = space.decode(largest, check=False)
+        except (ConfigError, KeyError):
+            return []
         if not space.contains(base):
             return []  # no single largest arch to measure against: no depth split
         evaluate_at = replace(ctx, eval_items=self.options["eval_items"])
