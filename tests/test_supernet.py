@@ -145,6 +145,7 @@ def test_a_student_trains_the_supernets_own_tensors():
     ({"steps": 0}, "steps"), ({"lr": 0}, "lr"), ({"warmup": 1.0}, "warmup"), ({"eval_items": 0}, "eval_items"),
     ({"checkpoint_every": "often"}, "checkpoint_every"), ({"split": "down[0].resnets"}, "split"),
     ({"split": ["a", "a"]}, "split"), ({"new_modules": "zero"}, "new_modules"), ({"steps": True}, "steps"),
+    ({"max_groups": 0}, "max_groups"), ({"max_groups": "four"}, "max_groups"),
 ])
 def test_bad_options_are_config_errors(options, field):
     with pytest.raises(ConfigError) as exc:
@@ -215,6 +216,8 @@ def test_auto_split_takes_the_most_damaging_resnet_counts_its_steps_can_feed():
     assert all(damage[n] >= AUTO_DAMAGE for n in many.split_names)
     assert many.split_names == sorted(many.split_names, key=lambda n: -damage[n])
     assert {tuple(many.group_of(space, a)) for a in groups.values()} == set(groups)
+    capped = make_proxy("supernet", steps=4000, eval_items=8, max_groups=2)
+    assert len(capped.find_groups(ctx)) == 2 and capped.split_names == []  # the upsampler's two layouts fill it
     # an explicit list is taken as given
     named = make_proxy("supernet", steps=4000, eval_items=8, split=["down[2].resnets"])
     groups = named.find_groups(ctx)  # split where the third stage exists, on the upsampler everywhere

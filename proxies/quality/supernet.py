@@ -84,8 +84,11 @@ class Supernet(QualityProxy):
     kind = "supernet"
 
     def __init__(self, steps: int = 2000, lr: float = 1e-3, warmup: float = 0.1, split: str | list[str] = "auto",
-                 eval_items: int = 64, checkpoint_every: int = 100, new_modules: str = "fresh"):
+                 eval_items: int = 64, checkpoint_every: int = 100, new_modules: str = "fresh",
+                 max_groups: int | None = None):
         check_new_modules(new_modules)
+        if max_groups is not None and (not _is_int(max_groups) or max_groups < 1):
+            raise ConfigError(f"must be an integer >= 1 (or left out), got {max_groups!r}", field="max_groups")
         for field, value, low in (("steps", steps, 1), ("eval_items", eval_items, 1),
                                   ("checkpoint_every", checkpoint_every, 1)):
             if not _is_int(value) or value < low:
@@ -99,7 +102,7 @@ class Supernet(QualityProxy):
             raise ConfigError(f"must be 'auto' or a list of distinct decision names, got {split!r}", field="split")
         self.options = {"steps": steps, "lr": float(lr), "warmup": float(warmup),
                         "split": split if split == "auto" else list(split),
-                        "eval_items": eval_items, "new_modules": new_modules}
+                        "eval_items": eval_items, "new_modules": new_modules, "max_groups": max_groups}
         self.checkpoint_every = checkpoint_every
         self.name = f"supernet{steps}"
         self.log: Any = None  # a callable the search sets: a line every checkpoint (the one-time work takes minutes)
@@ -145,7 +148,9 @@ class Supernet(QualityProxy):
         decision: the largest arch and the same arch with that decision at its smallest choice, each inherited from
         the teacher and evaluated once; ``damage`` is the log ratio of their held-out losses. Decisions with damage
         >= ``AUTO_DAMAGE`` are split on, largest damage first, while every group keeps >= ``GROUP_STEPS`` steps (the
-        width and layout groups count too). Costs 1 + (ResNet-count decisions) evaluations."""
+        width and layout groups count too) and, with ``max_groups`` (each group's supernet is a whole arch with its
+        optimiser state: the memory bound at SD scale), the groups stay within it. Costs 1 + (ResNet-count
+        decisions) evaluations."""
         space = ctx.space
         largest = self._largest_code(space)
         try:
@@ -173,7 +178,9 @@ class Supernet(QualityProxy):
         groups = math.prod(len(space.decisions[i].choices) for i in self._split_decisions(space, []))
         chosen = []
         for name in sorted(damage, key=lambda n: -damage[n]):
-            if damage[name] >= AUTO_DAMAGE and groups * sizes[name] * GROUP_STEPS <= self.options["steps"]:
+            fits = groups * sizes[name] * GROUP_STEPS <= self.options["steps"] and (
+                self.options["max_groups"] is None or groups * sizes[name] <= self.options["max_groups"])
+            if damage[name] >= AUTO_DAMAGE and fits:
                 chosen.append(name)
                 groups *= sizes[name]
         return chosen
@@ -216,7 +223,9 @@ class Supernet(QualityProxy):
     def cache_folder(self, ctx: QualityContext) -> Path | None:
         if ctx.cache_dir is None:
             return None
-        trained = {k: v for k, v in self.options.items() if k != "eval_items"}  # scoring does not change them
+        # scoring does not change the supernets; an unset max_groups keeps the folders of runs made before it
+        trained = {k: v for k, v in self.options.items()
+                   if k != "eval_items" and not (k == "max_groups" and v is None)}
         digest = hashlib.sha1(json.dumps({**trained, "seed": ctx.seed}, sort_keys=True).encode())
         return Path(ctx.cache_dir) / "supernet" / f"{self.name}-{digest.hexdigest()[:8]}"
 
