@@ -48,6 +48,7 @@ from scipy.stats import kendalltau
 
 from proxies.quality import make_proxy
 from proxies.quality.fidelity import cheap_features, full_fidelity
+from proxies.quality.supernet import Supernet
 from proxies.quality.surrogate import arch_key
 from search_spaces import SearchSpace, UNetArch
 from search_spaces.yamlio import atomic_write
@@ -164,6 +165,68 @@ def additivity(space: SearchSpace, archs: list[UNetArch], values: np.ndarray) ->
     return out
 
 
+def run_short(args, results: dict) -> None:
+    """The product proxy's per-trial short run (:meth:`Supernet.short_run`: ``--short-steps`` from inheritance,
+    the data order of ``--supernet-seed``, as in a search whose seed is that) on every table arch, timed against
+    the 16-step baseline in the same process. The short run does not depend on the supernets, which are
+    deterministic under their seed, so a ``--part run`` configuration's shared-weight scores combine with it into
+    the product's score without training the supernets again (the report checks the combination against the
+    product's end-to-end runs where both exist)."""
+    ctx, _, archs = context(results)
+    ctx = replace(ctx, seed=args.supernet_seed, cache_dir=None, teacher_outputs={})
+    proxy = make_proxy("supernet", short_steps=args.short_steps)
+    name = f"short{args.short_steps}/seed{args.supernet_seed}"
+    base = [full_fidelity(a, replace(ctx, space=None), 16, lr=0.002, seed=results["seed"],
+                          eval_items=SHORT_EVAL_ITEMS)["seconds"] for a in archs[::BASELINE_EVERY]]
+    values, seconds = [], []
+    for a in archs:
+        start = time.perf_counter()
+        values.append(proxy.short_run(a, ctx))
+        seconds.append(time.perf_counter() - start)
+    row = {"short_steps": args.short_steps, "data_seed": args.supernet_seed, "values": values,
+           "seconds_per_arch": float(np.median(seconds)), "baseline_seconds": float(np.median(base)),
+           "baseline_seconds_all": base}
+    path = args.work / "short.json"
+    with open(args.work / "configs.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text()) if path.is_file() else {}
+        rows[name] = row
+        atomic_write(path, json.dumps(rows, indent=1) + "\n")
+    print(f"{name}: {row['seconds_per_arch']:.2f}s per arch, baseline {row['baseline_seconds']:.2f}s", flush=True)
+
+
+def combined_rows(configs: dict, shorts: dict, weight: float) -> dict[str, dict]:
+    """Each shared-weights-only ``--part run`` configuration times each ``--part short`` run of its seed, as the
+    product scores it: shared loss x short loss ** ``weight``; both parts' seconds (each against the baseline
+    timed in its own process) add up in the report."""
+    out = {}
+    for config, row in configs.items():
+        if row.get("short_steps") or "/short" in config:
+            continue
+        for short in shorts.values():
+            if short["data_seed"] == row["supernet_seed"]:
+                values = [a * b ** weight for a, b in zip(row["values"], short["values"], strict=True)]
+                out[f"{config}/short{short['short_steps']}x{weight:g}"] = {
+                    **row, "values": values, "short_steps": short["short_steps"], "short_weight": weight,
+                    "shared_values": row["values"], "short_values": short["values"], "short_part": short,
+                    "combined": "shared-weight scores of --part run x --part short's losses"}
+    return out
+
+
+def short_weight_curve(row: dict, tau) -> dict[str, float]:
+    """Kendall tau of shared-weight loss x short-run loss ** w over a grid of weights ``w`` (0: the shared weights
+    alone): how sensitive the ranking is to the product's one tuned constant."""
+    shared, short = np.log(row["shared_values"]), np.log(row["short_values"])
+    return {f"{w:g}": tau(np.exp(shared + w * short)) for w in np.round(np.arange(0, 0.105, 0.01), 2)}
+
+
+def default_rows(proxies: dict) -> list[dict]:
+    """The rows run with the product's defaults (``split: auto``, its ``short_steps`` and ``short_weight``)."""
+    d = Supernet()
+    return [v for k, v in proxies.items() if k.startswith("supernet:auto/") and v.get("short_steps") == d.short_steps
+            and v.get("short_weight") == d.short_weight and v.get("steps") == d.options["steps"]]
+
+
 def run(args, results: dict) -> None:
     """One supernet configuration of the product's proxy on the table space: the one-time work, then every table
     arch scored; the values and the seconds are kept in the work folder."""
@@ -172,8 +235,10 @@ def run(args, results: dict) -> None:
     table = SearchSpace(table_space(name))
     space = table if all(table.contains(a) for a in archs) else ctx.space  # a table run, or random test archs
     ctx = replace(ctx, space=space, seed=args.supernet_seed, cache_dir=None, teacher_outputs={})
-    config = f"{args.split}/{args.steps}/lr{args.lr:g}/seed{args.supernet_seed}"
-    proxy = make_proxy("supernet", steps=args.steps, lr=args.lr, split=split_of(name, args.split))
+    config = f"{args.split}/{args.steps}/lr{args.lr:g}/seed{args.supernet_seed}" + (
+        f"/short{args.short_steps}x{args.short_weight:g}" if args.short_steps and args.short_weight else "")
+    proxy = make_proxy("supernet", steps=args.steps, lr=args.lr, split=split_of(name, args.split),
+                       short_steps=args.short_steps, short_weight=args.short_weight)
     # the cost unit under this run's load: the 16-step baseline on every 8th arch, timed afresh
     base = [full_fidelity(a, replace(ctx, space=None), 16, lr=0.002, seed=results["seed"],
                           eval_items=SHORT_EVAL_ITEMS)["seconds"] for a in archs[::BASELINE_EVERY]]
@@ -188,6 +253,9 @@ def run(args, results: dict) -> None:
            "supernet_seed": args.supernet_seed, "groups": len(nets),
            "group_of_arch": [str(s.details["group"]) for s in scores], "supernet_seconds": super_seconds,
            "seconds_per_arch": float(np.median([s.seconds for s in scores])), "values": [s.score for s in scores],
+           "short_steps": args.short_steps, "short_weight": args.short_weight,
+           "shared_values": [s.details["shared_loss"] for s in scores],
+           "short_values": [s.details.get("short_loss") for s in scores],
            "baseline_seconds": float(np.median(base)), "baseline_seconds_all": base}
     path = args.work / "configs.json"
     with open(args.work / "configs.lock", "a") as lock:
@@ -255,8 +323,16 @@ def report(args, results: dict) -> None:
     on_table = all(table.contains(a) for a in archs)
     if on_table:  # the ceiling of an additive proxy: the ground truth's own best additive fit
         out["ground_truth_additivity"] = additivity(table, archs, truth)
-    configs_path = args.work / "configs.json"
+    configs_path, shorts_path = args.work / "configs.json", args.work / "short.json"
     configs = json.loads(configs_path.read_text()) if configs_path.is_file() else {}
+    shorts = json.loads(shorts_path.read_text()) if shorts_path.is_file() else {}
+    combined = combined_rows(configs, shorts, Supernet().short_weight)
+    for config, row in combined.items():  # the product's end-to-end runs, where made, must agree exactly
+        end_to_end = configs.get(config)
+        if end_to_end is not None:
+            same = np.allclose(end_to_end["values"], row["values"], rtol=1e-5, atol=0)
+            out.setdefault("end_to_end_check", {})[config] = bool(same)
+    configs = {**configs, **{k: v for k, v in combined.items() if k not in configs}}
     base_fraction = (out["proxies"][BASELINE]["cost_fraction_of_ground_truth"] if BASELINE in out["proxies"]
                      else results["proxies"][BASELINE]["cost_fraction_of_ground_truth"])
     out["baseline_cost_fraction"] = base_fraction
@@ -265,31 +341,45 @@ def report(args, results: dict) -> None:
         # a ground-truth run's seconds under this configuration's load: its baseline over the baseline's share
         unit = row["baseline_seconds"] / base_fraction if "baseline_seconds" in row else gt_seconds
         one_time = row["supernet_seconds"] / TRIALS / unit
+        per_arch = row["seconds_per_arch"] / unit
+        if "short_part" in row:  # the short run, timed in its own process against its own baseline
+            short = row["short_part"]
+            per_arch += short["seconds_per_arch"] / (short["baseline_seconds"] / base_fraction)
         out["proxies"][f"supernet:{config}"] = {
-            **{k: v for k, v in row.items() if k != "group_of_arch"},
+            **{k: v for k, v in row.items() if k not in ("group_of_arch", "short_part")},
+            **({"short_seconds_per_arch": row["short_part"]["seconds_per_arch"],
+                "short_baseline_seconds": row["short_part"]["baseline_seconds"]} if "short_part" in row else {}),
             "kind": "supernet", "kendall_tau": tau(values),
             "kendall_tau_within_groups": {g: float(kendalltau(values[groups == g], truth[groups == g]).statistic)
                                           for g in sorted(set(groups)) if (groups == g).sum() > 2},
             "cost_fraction_one_time": one_time,
             **({"additivity": additivity(table, archs, values)} if on_table else {}),
-            "cost_fraction_of_ground_truth": one_time + row["seconds_per_arch"] / unit}
+            **({"kendall_tau_by_short_weight": short_weight_curve(row, tau)} if row.get("short_values", [None])[0]
+               else {}),
+            "cost_fraction_of_ground_truth": one_time + per_arch}
     within = {k: v for k, v in out["proxies"].items() if v["cost_fraction_of_ground_truth"] <= 0.10}
     best = max(within, key=lambda k: within[k]["kendall_tau"])
     out["best_proxy_within_10_percent"] = {"name": best, **{k: within[best][k] for k in
                                                            ("kendall_tau", "cost_fraction_of_ground_truth")}}
-    # the product's default (split: auto) over every supernet seed run: the honest figure, not a best-of
-    auto = [v for k, v in out["proxies"].items() if k.startswith("supernet:auto/")]
-    if auto:
-        taus = [v["kendall_tau"] for v in auto]
-        out["supernet_auto"] = {"seeds": len(auto), "kendall_tau_min": min(taus), "kendall_tau_max": max(taus),
-                                "kendall_tau_mean": float(np.mean(taus)),
-                                "cost_fraction_max": max(v["cost_fraction_of_ground_truth"] for v in auto),
-                                "target_met_every_seed": all(t >= 0.85 for t in taus)}
+    # the product's default over every supernet seed run (the honest figure, not a best-of), and the shared
+    # weights alone (split: auto, no short run: the proxy before short_steps)
+    for label, rows in (("supernet_default", default_rows(out["proxies"])),
+                        ("supernet_auto", [v for k, v in out["proxies"].items()
+                                           if k.startswith("supernet:auto/") and not v.get("short_steps")])):
+        if rows:
+            taus = [v["kendall_tau"] for v in rows]
+            out[label] = {"seeds": len(rows), "kendall_tau_min": min(taus), "kendall_tau_max": max(taus),
+                          "kendall_tau_mean": float(np.mean(taus)),
+                          "cost_fraction_max": max(v["cost_fraction_of_ground_truth"] for v in rows),
+                          "target_met_every_seed": all(t >= 0.85 for t in taus) and all(
+                              v["cost_fraction_of_ground_truth"] <= 0.10 for v in rows)}
     for name, row in out["proxies"].items():
         print(f"{name:>45}: tau {row['kendall_tau']:.3f}  cost {row['cost_fraction_of_ground_truth']:.1%}")
-    if auto:
-        print(f"split: auto over {len(auto)} seeds: tau {min(taus):.3f}-{max(taus):.3f}, "
-              f"target met on every seed: {out['supernet_auto']['target_met_every_seed']}")
+    for label in ("supernet_default", "supernet_auto"):
+        if label in out:
+            row = out[label]
+            print(f"{label} over {row['seeds']} seeds: tau {row['kendall_tau_min']:.3f}-{row['kendall_tau_max']:.3f}, "
+                  f"cost <= {row['cost_fraction_max']:.1%}, target met on every seed: {row['target_met_every_seed']}")
     stem = args.results.stem.removeprefix("proxy_validity_cosine").lstrip("_")
     stem = stem if stem.startswith(("digits", "shapes")) else "_".join(["digits", stem] if stem else ["digits"])
     dest = Path("benchmarks/results") / f"proxy_validity_supernet_{stem}.json"
@@ -300,12 +390,15 @@ def report(args, results: dict) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, required=True, help="a proxy_validity_cosine*.json of a table run")
-    parser.add_argument("--part", choices=("gt", "validity", "run", "report"), default="run")
+    parser.add_argument("--part", choices=("gt", "validity", "run", "short", "report"), default="run")
     parser.add_argument("--steps", type=int, default=2000, help="supernet arch-steps in all groups together")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--split", default="auto",
                         help="auto, inheritance, none, or a comma-separated list of the space's decision names")
     parser.add_argument("--supernet-seed", type=int, default=0)
+    parser.add_argument("--short-steps", type=int, default=Supernet().short_steps,
+                        help="the proxy's short run from inheritance per trial (0: the shared weights alone)")
+    parser.add_argument("--short-weight", type=float, default=Supernet().short_weight)
     args = parser.parse_args()
     try:
         results = json.loads(args.results.read_text())
@@ -314,9 +407,9 @@ if __name__ == "__main__":
     missing = [k for k in REQUIRED if k not in results]
     if missing:
         parser.error(f"--results: {args.results}: not a proxy_validity_cosine results file (no {', '.join(missing)})")
-    if args.steps < 1 or not args.lr > 0:
-        parser.error("--steps must be >= 1 and --lr > 0")
+    if args.steps < 1 or not args.lr > 0 or args.short_steps < 0 or not args.short_weight >= 0:
+        parser.error("--steps must be >= 1, --lr > 0, --short-steps >= 0 and --short-weight >= 0")
     args.work = Path("runs") / f"proxy_supernet_{args.results.stem}"
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    {"gt": run_gt, "validity": run_validity, "run": run, "report": report}[args.part](args, results)
+    {"gt": run_gt, "validity": run_validity, "run": run, "short": run_short, "report": report}[args.part](args, results)

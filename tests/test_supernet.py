@@ -146,6 +146,9 @@ def test_a_student_trains_the_supernets_own_tensors():
     ({"checkpoint_every": "often"}, "checkpoint_every"), ({"split": "down[0].resnets"}, "split"),
     ({"split": ["a", "a"]}, "split"), ({"new_modules": "zero"}, "new_modules"), ({"steps": True}, "steps"),
     ({"max_groups": 0}, "max_groups"), ({"max_groups": "four"}, "max_groups"),
+    ({"short_steps": -1}, "short_steps"), ({"short_steps": 2.5}, "short_steps"),
+    ({"short_weight": -0.1}, "short_weight"), ({"short_weight": "some"}, "short_weight"),
+    ({"short_weight": float("nan")}, "short_weight"),
 ])
 def test_bad_options_are_config_errors(options, field):
     with pytest.raises(ConfigError) as exc:
@@ -157,6 +160,7 @@ def test_bad_options_are_config_errors(options, field):
     ("{steps: 0}", "objectives[1].steps: must be an integer >= 1"),
     ("{split: ['down[7].resnets']}", "objectives[1].split[0]: 'down[7].resnets' is not a decision of the space"),
     ("{lr: fast}", "objectives[1].lr: must be a number > 0"),
+    ("{short_weight: -1}", "objectives[1].short_weight: must be a number >= 0"),
 ])
 def test_bad_option_in_experiment_file_is_file_line_field_and_exit_2(tmp_path, options, message):
     exp = tmp_path / "exp.yaml"
@@ -222,3 +226,27 @@ def test_auto_split_takes_the_most_damaging_resnet_counts_its_steps_can_feed():
     named = make_proxy("supernet", steps=4000, eval_items=8, split=["down[2].resnets"])
     groups = named.find_groups(ctx)  # split where the third stage exists, on the upsampler everywhere
     assert named.split_names == ["down[2].resnets"] and len(groups) == 6 and named.split_damage == {}
+
+
+def test_the_short_run_is_the_distill_runs_first_steps_and_weighs_in_as_a_power():
+    """Per trial the score is the shared-weight loss times the loss after ``short_steps`` steps from inheritance
+    (the same steps as the first of the distill features' run) to the power ``short_weight``; 0 steps or weight
+    scores the shared weights alone, and the supernets (the one-time work) are the same either way."""
+    from proxies.data import digits_cache
+    from proxies.quality import QualityContext
+    from proxies.quality.fidelity import cheap_features
+    from search_spaces.space import SearchSpace
+
+    space = SearchSpace.from_yaml(ROOT / "search_spaces" / "spaces" / "digits.yaml")
+    ctx = QualityContext(data=digits_cache(seed=0), seed=3, batch_size=8, eval_items=8, space=space)
+    ctx.teacher = ctx.build(get_arch("digits"), seed=3).eval()
+    arch = space.sample(random.Random(1))
+    both = make_proxy("supernet", steps=4, eval_items=8, short_steps=3, short_weight=0.5)(arch, ctx)
+    alone = make_proxy("supernet", steps=4, eval_items=8, short_steps=0)(arch, ctx)
+    unweighted = make_proxy("supernet", steps=4, eval_items=8, short_weight=0)(arch, ctx)
+    assert both.details["shared_loss"] == alone.score == unweighted.score
+    assert "short_loss" not in alone.details
+    short = both.details["short_loss"]
+    assert short == pytest.approx(cheap_features(arch, ctx, 3, eval_items=8)["loss@K"], rel=1e-6)
+    assert both.score == pytest.approx(alone.score * short ** 0.5, rel=1e-12)
+    assert short != cheap_features(arch, ctx, 0, eval_items=8)["loss@0"]  # the steps are taken
