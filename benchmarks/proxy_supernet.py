@@ -21,7 +21,7 @@ report gives that validity tau and repeat noise in place of the source run's.
     python benchmarks/proxy_supernet.py --part gt --results R
     python benchmarks/proxy_supernet.py --part validity --results R &   # two processes share the 20 runs
     python benchmarks/proxy_supernet.py --part validity --results R
-    python benchmarks/proxy_supernet.py --part run --results R --steps 2000 --split inheritance [--supernet-seed 1]
+    python benchmarks/proxy_supernet.py --part run --results R --steps 1000 --split inheritance [--supernet-seed 1]
     python benchmarks/proxy_supernet.py --part report --results R
 
 Writes ``benchmarks/results/proxy_validity_supernet_<source>.json`` (``digits``, ``digits_seed1``,
@@ -174,8 +174,8 @@ def run_short(args, results: dict) -> None:
     product's end-to-end runs where both exist)."""
     ctx, _, archs = context(results)
     ctx = replace(ctx, seed=args.supernet_seed, cache_dir=None, teacher_outputs={})
-    proxy = make_proxy("supernet", short_steps=args.short_steps)
-    name = f"short{args.short_steps}/seed{args.supernet_seed}"
+    proxy = make_proxy("supernet", short_steps=args.short_steps, short_eval_items=args.short_eval_items)
+    name = f"short{args.short_steps}/items{proxy.short_eval_items}/seed{args.supernet_seed}"
     base = [full_fidelity(a, replace(ctx, space=None), 16, lr=0.002, seed=results["seed"],
                           eval_items=SHORT_EVAL_ITEMS)["seconds"] for a in archs[::BASELINE_EVERY]]
     values, seconds = [], []
@@ -183,7 +183,8 @@ def run_short(args, results: dict) -> None:
         start = time.perf_counter()
         values.append(proxy.short_run(a, ctx))
         seconds.append(time.perf_counter() - start)
-    row = {"short_steps": args.short_steps, "data_seed": args.supernet_seed, "values": values,
+    row = {"short_steps": args.short_steps, "short_eval_items": proxy.short_eval_items,
+           "data_seed": args.supernet_seed, "values": values,
            "seconds_per_arch": float(np.median(seconds)), "baseline_seconds": float(np.median(base)),
            "baseline_seconds_all": base}
     path = args.work / "short.json"
@@ -201,13 +202,16 @@ def combined_rows(configs: dict, shorts: dict, weight: float) -> dict[str, dict]
     timed in its own process) add up in the report."""
     out = {}
     for config, row in configs.items():
-        if row.get("short_steps") or "/short" in config:
-            continue
+        if row.get("short_steps") or "/short" in config or config.startswith("prototype:"):
+            continue  # the product's own end-to-end runs, or the study's loop that preceded the product's proxy
         for short in shorts.values():
             if short["data_seed"] == row["supernet_seed"]:
                 values = [a * b ** weight for a, b in zip(row["values"], short["values"], strict=True)]
-                out[f"{config}/short{short['short_steps']}x{weight:g}"] = {
+                items = short.get("short_eval_items", SHORT_EVAL_ITEMS)
+                tail = f"/short{short['short_steps']}x{weight:g}" + (f"i{items}" if items != SHORT_EVAL_ITEMS else "")
+                out[config + tail] = {
                     **row, "values": values, "short_steps": short["short_steps"], "short_weight": weight,
+                    "short_eval_items": items,
                     "shared_values": row["values"], "short_values": short["values"], "short_part": short,
                     "combined": "shared-weight scores of --part run x --part short's losses"}
     return out
@@ -224,7 +228,8 @@ def default_rows(proxies: dict) -> list[dict]:
     """The rows run with the product's defaults (``split: auto``, its ``short_steps`` and ``short_weight``)."""
     d = Supernet()
     return [v for k, v in proxies.items() if k.startswith("supernet:auto/") and v.get("short_steps") == d.short_steps
-            and v.get("short_weight") == d.short_weight and v.get("steps") == d.options["steps"]]
+            and v.get("short_weight") == d.short_weight and v.get("steps") == d.options["steps"]
+            and v.get("short_eval_items", SHORT_EVAL_ITEMS) == d.short_eval_items]
 
 
 def run(args, results: dict) -> None:
@@ -235,10 +240,13 @@ def run(args, results: dict) -> None:
     table = SearchSpace(table_space(name))
     space = table if all(table.contains(a) for a in archs) else ctx.space  # a table run, or random test archs
     ctx = replace(ctx, space=space, seed=args.supernet_seed, cache_dir=None, teacher_outputs={})
-    config = f"{args.split}/{args.steps}/lr{args.lr:g}/seed{args.supernet_seed}" + (
-        f"/short{args.short_steps}x{args.short_weight:g}" if args.short_steps and args.short_weight else "")
     proxy = make_proxy("supernet", steps=args.steps, lr=args.lr, split=split_of(name, args.split),
-                       short_steps=args.short_steps, short_weight=args.short_weight)
+                       short_steps=args.short_steps, short_weight=args.short_weight,
+                       short_eval_items=args.short_eval_items)
+    items = proxy.short_eval_items
+    config = f"{args.split}/{args.steps}/lr{args.lr:g}/seed{args.supernet_seed}" + (
+        f"/short{args.short_steps}x{args.short_weight:g}" + (f"i{items}" if items != SHORT_EVAL_ITEMS else "")
+        if args.short_steps and args.short_weight else "")
     # the cost unit under this run's load: the 16-step baseline on every 8th arch, timed afresh
     base = [full_fidelity(a, replace(ctx, space=None), 16, lr=0.002, seed=results["seed"],
                           eval_items=SHORT_EVAL_ITEMS)["seconds"] for a in archs[::BASELINE_EVERY]]
@@ -253,7 +261,7 @@ def run(args, results: dict) -> None:
            "supernet_seed": args.supernet_seed, "groups": len(nets),
            "group_of_arch": [str(s.details["group"]) for s in scores], "supernet_seconds": super_seconds,
            "seconds_per_arch": float(np.median([s.seconds for s in scores])), "values": [s.score for s in scores],
-           "short_steps": args.short_steps, "short_weight": args.short_weight,
+           "short_steps": args.short_steps, "short_weight": args.short_weight, "short_eval_items": items,
            "shared_values": [s.details["shared_loss"] for s in scores],
            "short_values": [s.details.get("short_loss") for s in scores],
            "baseline_seconds": float(np.median(base)), "baseline_seconds_all": base}
@@ -391,7 +399,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, required=True, help="a proxy_validity_cosine*.json of a table run")
     parser.add_argument("--part", choices=("gt", "validity", "run", "short", "report"), default="run")
-    parser.add_argument("--steps", type=int, default=2000, help="supernet arch-steps in all groups together")
+    parser.add_argument("--steps", type=int, default=Supernet().options["steps"],
+                        help="supernet arch-steps in all groups together")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--split", default="auto",
                         help="auto, inheritance, none, or a comma-separated list of the space's decision names")
@@ -399,6 +408,8 @@ if __name__ == "__main__":
     parser.add_argument("--short-steps", type=int, default=Supernet().short_steps,
                         help="the proxy's short run from inheritance per trial (0: the shared weights alone)")
     parser.add_argument("--short-weight", type=float, default=Supernet().short_weight)
+    parser.add_argument("--short-eval-items", type=int, default=Supernet().short_eval_items,
+                        help="held-out items of the short run's evaluation")
     args = parser.parse_args()
     try:
         results = json.loads(args.results.read_text())
@@ -407,8 +418,10 @@ if __name__ == "__main__":
     missing = [k for k in REQUIRED if k not in results]
     if missing:
         parser.error(f"--results: {args.results}: not a proxy_validity_cosine results file (no {', '.join(missing)})")
-    if args.steps < 1 or not args.lr > 0 or args.short_steps < 0 or not args.short_weight >= 0:
-        parser.error("--steps must be >= 1, --lr > 0, --short-steps >= 0 and --short-weight >= 0")
+    if args.steps < 1 or not args.lr > 0 or args.short_steps < 0 or not args.short_weight >= 0 or \
+            args.short_eval_items < 1:
+        parser.error("--steps must be >= 1, --lr > 0, --short-steps >= 0, --short-weight >= 0 and "
+                     "--short-eval-items >= 1")
     args.work = Path("runs") / f"proxy_supernet_{args.results.stem}"
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

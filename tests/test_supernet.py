@@ -148,7 +148,8 @@ def test_a_student_trains_the_supernets_own_tensors():
     ({"max_groups": 0}, "max_groups"), ({"max_groups": "four"}, "max_groups"),
     ({"short_steps": -1}, "short_steps"), ({"short_steps": 2.5}, "short_steps"),
     ({"short_weight": -0.1}, "short_weight"), ({"short_weight": "some"}, "short_weight"),
-    ({"short_weight": float("nan")}, "short_weight"),
+    ({"short_weight": float("nan")}, "short_weight"), ({"short_eval_items": 0}, "short_eval_items"),
+    ({"short_lr": 0}, "short_lr"),
 ])
 def test_bad_options_are_config_errors(options, field):
     with pytest.raises(ConfigError) as exc:
@@ -250,3 +251,7 @@ def test_the_short_run_is_the_distill_runs_first_steps_and_weighs_in_as_a_power(
     assert short == pytest.approx(cheap_features(arch, ctx, 3, eval_items=8)["loss@K"], rel=1e-6)
     assert both.score == pytest.approx(alone.score * short ** 0.5, rel=1e-12)
     assert short != cheap_features(arch, ctx, 0, eval_items=8)["loss@0"]  # the steps are taken
+    fewer = make_proxy("supernet", steps=4, eval_items=8, short_steps=3, short_eval_items=4)(arch, ctx)
+    assert fewer.details["shared_loss"] == alone.score  # the shared weights' evaluation keeps eval_items
+    assert fewer.details["short_loss"] == pytest.approx(
+        cheap_features(arch, ctx, 3, eval_items=4)["loss@K"], rel=1e-6)

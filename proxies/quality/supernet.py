@@ -16,7 +16,7 @@ file lock makes the processes of one machine do the work once, and a killed run 
 the same weights bit for bit.
 
 Per trial: build the arch, inherit from the teacher, copy in its group's shared weights, and take the held-out
-loss on ``eval_items`` items (lower is better): one evaluation, no training. With ``short_steps`` (default 5) the
+loss on ``eval_items`` items (lower is better): one evaluation, no training. With ``short_steps`` (default 3) the
 arch also inherits afresh and distils that many steps on its own, and the score is the shared-weight loss times
 that short run's loss to the power ``short_weight``: the supernet says where training goes, the short run how much
 of the damage inheritance did the arch has still to repair, which the ground truth (a few hundred steps from
@@ -53,7 +53,6 @@ AUTO_DAMAGE = 0.1  # split: auto splits on ResNet counts whose removal raises th
 GROUP_STEPS = 500  # ... while every group keeps this many training steps (8 groups of 250 ranked digits worse)
 POOL = 1024  # archs sampled (or enumerated) once to find the groups and their largest archs
 BUILT = 64  # sub-models kept built during training (they hold only what the supernet cannot share)
-SHORT_LR = 5e-4  # the short run's constant rate: the distill proxy's, whose first steps it is
 
 
 @torch.no_grad()
@@ -89,9 +88,10 @@ class Supernet(QualityProxy):
 
     kind = "supernet"
 
-    def __init__(self, steps: int = 2000, lr: float = 1e-3, warmup: float = 0.1, split: str | list[str] = "auto",
+    def __init__(self, steps: int = 1000, lr: float = 1e-3, warmup: float = 0.1, split: str | list[str] = "auto",
                  eval_items: int = 64, checkpoint_every: int = 100, new_modules: str = "fresh",
-                 max_groups: int | None = None, short_steps: int = 5, short_weight: float = 0.03):
+                 max_groups: int | None = None, short_steps: int = 3, short_weight: float = 0.03,
+                 short_eval_items: int = 16, short_lr: float = 5e-4):
         check_new_modules(new_modules)
         if not _is_int(short_steps) or short_steps < 0:
             raise ConfigError(f"must be an integer >= 0, got {short_steps!r}", field="short_steps")
@@ -101,11 +101,13 @@ class Supernet(QualityProxy):
         if max_groups is not None and (not _is_int(max_groups) or max_groups < 1):
             raise ConfigError(f"must be an integer >= 1 (or left out), got {max_groups!r}", field="max_groups")
         for field, value, low in (("steps", steps, 1), ("eval_items", eval_items, 1),
+                                  ("short_eval_items", short_eval_items, 1),
                                   ("checkpoint_every", checkpoint_every, 1)):
             if not _is_int(value) or value < low:
                 raise ConfigError(f"must be an integer >= {low}, got {value!r}", field=field)
-        if not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0:
-            raise ConfigError(f"must be a number > 0, got {lr!r}", field="lr")
+        for field, value in (("lr", lr), ("short_lr", short_lr)):
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"must be a number > 0, got {value!r}", field=field)
         if not isinstance(warmup, int | float) or isinstance(warmup, bool) or not 0 <= warmup < 1:
             raise ConfigError(f"must be a fraction in [0, 1), got {warmup!r}", field="warmup")
         if split != "auto" and (isinstance(split, str) or not isinstance(split, list | tuple)
@@ -115,7 +117,10 @@ class Supernet(QualityProxy):
                         "split": split if split == "auto" else list(split),
                         "eval_items": eval_items, "new_modules": new_modules, "max_groups": max_groups}
         self.checkpoint_every = checkpoint_every
-        self.short_steps, self.short_weight = short_steps, float(short_weight)  # per trial: not in the cache digest
+        # per trial, so not in the one-time work's cache digest
+        self.short_steps, self.short_weight = short_steps, float(short_weight)
+        self.short_eval_items = short_eval_items
+        self.short_lr = float(short_lr)
         self.name = f"supernet{steps}"
         self.log: Any = None  # a callable the search sets: a line every checkpoint (the one-time work takes minutes)
         self._nets: dict[tuple, nn.Module] | None = None
@@ -351,17 +356,19 @@ class Supernet(QualityProxy):
         # attention in the middle up stage hurts at 200 steps when its down stage keeps one ResNet, helps when it
         # keeps two). A supernet trains each shared weight far longer than that and has repaired it, so its scores
         # are additive over the decisions; the loss after a few steps from inheritance is what is left. Measured
-        # on the four 64-arch runs (README, "Few-shot supernets"): weights 0.02-0.04 rank best everywhere, 0.03 is
-        # the default; it was chosen on those runs, not out of sample.
+        # on the four 64-arch runs (README, "Few-shot supernets"; 3 steps, 16 items): 0.03 ranks every run and
+        # seed at >= 0.89; at 0.04 shapes2 seed 1 falls to 0.83-0.87 (the short run, weighed too much, starts to
+        # reorder the groups inheritance damages). Chosen on those runs, not out of sample.
         short_loss = details["short_loss"] = self.short_run(arch, ctx)
         return loss * short_loss ** self.short_weight, details
 
     def short_run(self, arch: UNetArch, ctx: QualityContext) -> float:
-        """The held-out loss after ``short_steps`` distillation steps from inheritance (BK-SDM's loss, constant
-        ``SHORT_LR``, the context's data order): the first steps of the ``distill`` proxy's run."""
-        at = replace(ctx, eval_items=self.options["eval_items"])
+        """The held-out loss on ``short_eval_items`` items after ``short_steps`` distillation steps from inheritance
+        (BK-SDM's loss at the constant rate ``short_lr``, the context's data order): the first steps of the
+        ``distill`` proxy's run at its default rate."""
+        at = replace(ctx, eval_items=self.short_eval_items)
         model = self._build(ctx, arch)
-        train(model, at, self.short_steps, lr=SHORT_LR, teacher=ctx.teacher)
+        train(model, at, self.short_steps, lr=self.short_lr, teacher=ctx.teacher)
         return evaluate(model, at)["task_loss"]
 
 
