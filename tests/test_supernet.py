@@ -242,7 +242,7 @@ def test_the_short_run_is_the_distill_runs_first_steps_and_weighs_in_as_a_power(
     ctx = QualityContext(data=digits_cache(seed=0), seed=3, batch_size=8, eval_items=8, space=space)
     ctx.teacher = ctx.build(get_arch("digits"), seed=3).eval()
     arch = space.sample(random.Random(1))
-    both = make_proxy("supernet", steps=4, eval_items=8, short_steps=3, short_weight=0.5)(arch, ctx)
+    both = make_proxy("supernet", steps=4, eval_items=8, short_steps=3, short_weight=0.5, short_eval_items=8)(arch, ctx)
     alone = make_proxy("supernet", steps=4, eval_items=8, short_steps=0)(arch, ctx)
     unweighted = make_proxy("supernet", steps=4, eval_items=8, short_weight=0)(arch, ctx)
     assert both.details["shared_loss"] == alone.score == unweighted.score
