@@ -21,8 +21,15 @@ report gives that validity tau and repeat noise in place of the source run's.
     python benchmarks/proxy_supernet.py --part gt --results R
     python benchmarks/proxy_supernet.py --part validity --results R &   # two processes share the 20 runs
     python benchmarks/proxy_supernet.py --part validity --results R
-    python benchmarks/proxy_supernet.py --part run --results R --steps 1000 --split inheritance [--supernet-seed 1]
+    python benchmarks/proxy_supernet.py --part run --results R [--supernet-seed 1]   # the proxy's defaults
+    python benchmarks/proxy_supernet.py --part run --results R --steps 2000 --short-steps 0 --split inheritance
+    python benchmarks/proxy_supernet.py --part short --results R [--supernet-seed 1] [--short-steps 5]
     python benchmarks/proxy_supernet.py --part report --results R
+
+``--part short`` runs only the per-trial short run (:meth:`Supernet.short_run`) on every table arch; the report
+combines it with a shared-weights-only ``--part run`` configuration of the same seed (the supernets are
+deterministic under it), so the short run's settings can be studied without training the supernets again, and
+checks the combination against the product's end-to-end runs where both exist.
 
 Writes ``benchmarks/results/proxy_validity_supernet_<source>.json`` (``digits``, ``digits_seed1``,
 ``shapes2_table_teacher4000``, ...).
