@@ -172,6 +172,22 @@ def additivity(space: SearchSpace, archs: list[UNetArch], values: np.ndarray) ->
     return out
 
 
+def baseline_seconds(ctx, archs: list[UNetArch], seed: int) -> list[float]:
+    """The cost unit under this process's load: the 16-step baseline on every ``BASELINE_EVERY``-th arch, timed
+    afresh (a ground-truth run's seconds are its median over the baseline's share, measured by the source run)."""
+    return [full_fidelity(a, replace(ctx, space=None), 16, lr=0.002, seed=seed,
+                          eval_items=SHORT_EVAL_ITEMS)["seconds"] for a in archs[::BASELINE_EVERY]]
+
+
+def store_row(path: Path, key: str, row: dict) -> None:
+    """Add ``row`` under ``key`` to the JSON file ``path``, under a file lock (two processes share a table)."""
+    with open(path.with_name("configs.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text()) if path.is_file() else {}
+        rows[key] = row
+        atomic_write(path, json.dumps(rows, indent=1) + "\n")
+
+
 def run_short(args, results: dict) -> None:
     """The product proxy's per-trial short run (:meth:`Supernet.short_run`: ``--short-steps`` from inheritance,
     the data order of ``--supernet-seed``, as in a search whose seed is that) on every table arch, timed against
@@ -183,8 +199,7 @@ def run_short(args, results: dict) -> None:
     ctx = replace(ctx, seed=args.supernet_seed, cache_dir=None, teacher_outputs={})
     proxy = make_proxy("supernet", short_steps=args.short_steps, short_eval_items=args.short_eval_items)
     name = f"short{args.short_steps}/items{proxy.short_eval_items}/seed{args.supernet_seed}"
-    base = [full_fidelity(a, replace(ctx, space=None), 16, lr=0.002, seed=results["seed"],
-                          eval_items=SHORT_EVAL_ITEMS)["seconds"] for a in archs[::BASELINE_EVERY]]
+    base = baseline_seconds(ctx, archs, results["seed"])
     values, seconds = [], []
     for a in archs:
         start = time.perf_counter()
@@ -194,12 +209,7 @@ def run_short(args, results: dict) -> None:
            "data_seed": args.supernet_seed, "values": values,
            "seconds_per_arch": float(np.median(seconds)), "baseline_seconds": float(np.median(base)),
            "baseline_seconds_all": base}
-    path = args.work / "short.json"
-    with open(args.work / "configs.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = json.loads(path.read_text()) if path.is_file() else {}
-        rows[name] = row
-        atomic_write(path, json.dumps(rows, indent=1) + "\n")
+    store_row(args.work / "short.json", name, row)
     print(f"{name}: {row['seconds_per_arch']:.2f}s per arch, baseline {row['baseline_seconds']:.2f}s", flush=True)
 
 
@@ -254,9 +264,7 @@ def run(args, results: dict) -> None:
     config = f"{args.split}/{args.steps}/lr{args.lr:g}/seed{args.supernet_seed}" + (
         f"/short{args.short_steps}x{args.short_weight:g}" + (f"i{items}" if items != SHORT_EVAL_ITEMS else "")
         if args.short_steps and args.short_weight else "")
-    # the cost unit under this run's load: the 16-step baseline on every 8th arch, timed afresh
-    base = [full_fidelity(a, replace(ctx, space=None), 16, lr=0.002, seed=results["seed"],
-                          eval_items=SHORT_EVAL_ITEMS)["seconds"] for a in archs[::BASELINE_EVERY]]
+    base = baseline_seconds(ctx, archs, results["seed"])
     start = time.perf_counter()
     nets = proxy.fit(ctx)
     super_seconds = time.perf_counter() - start
@@ -272,12 +280,7 @@ def run(args, results: dict) -> None:
            "shared_values": [s.details["shared_loss"] for s in scores],
            "short_values": [s.details.get("short_loss") for s in scores],
            "baseline_seconds": float(np.median(base)), "baseline_seconds_all": base}
-    path = args.work / "configs.json"
-    with open(args.work / "configs.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        configs = json.loads(path.read_text()) if path.is_file() else {}
-        configs[config] = row
-        atomic_write(path, json.dumps(configs, indent=1) + "\n")
+    store_row(args.work / "configs.json", config, row)
     print(f"{config}: {row['seconds_per_arch']:.1f}s per arch", flush=True)
 
 
