@@ -356,9 +356,10 @@ class Supernet(QualityProxy):
         # attention in the middle up stage hurts at 200 steps when its down stage keeps one ResNet, helps when it
         # keeps two). A supernet trains each shared weight far longer than that and has repaired it, so its scores
         # are additive over the decisions; the loss after a few steps from inheritance is what is left. Measured
-        # on the four 64-arch runs (README, "Few-shot supernets"; 3 steps, 16 items): 0.03 ranks every run and
-        # seed at >= 0.89; at 0.04 shapes2 seed 1 falls to 0.83-0.87 (the short run, weighed too much, starts to
-        # reorder the groups inheritance damages). Chosen on those runs, not out of sample.
+        # on the four validated runs (README, "Few-shot supernets"; the defaults): 0.03 ranks every run and seed
+        # at >= 0.87; weights 0.02-0.04 do as well, and at 0.05 shapes2 seed 1's worst seed falls to 0.74 (the
+        # short run, weighed too much, starts to reorder the groups inheritance damages). Chosen on those runs,
+        # not out of sample.
         short_loss = details["short_loss"] = self.short_run(arch, ctx)
         return loss * short_loss ** self.short_weight, details
 
