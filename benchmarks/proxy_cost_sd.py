@@ -23,7 +23,15 @@ the device up, because at this scale a warm-up call of each would add a pass.
 
 GPU (the committed result):  python benchmarks/proxy_cost_sd.py --device cuda
 CPU smoke run:               python benchmarks/proxy_cost_sd.py --device cpu --teacher tiny --student tiny \\
-                                 --resolution 128 --eval-items 8 --name proxy_cost_smoke
+                                 --resolution 128 --eval-items 8 --name proxy_cost_smoke --proxies macs distill_kd@0
+CPU smoke run of the supernet: python benchmarks/proxy_cost_sd.py --device cpu --teacher digits --student digits \
+                                 --experiment experiments/quickstart.yaml --resolution 64 --text-len 8 \
+                                 --eval-items 8 --proxies supernet --checkpoint-dir /tmp --name proxy_cost_smoke
+
+The ``supernet`` proxy (``proxy_cost_sd_supernet.py``) is priced with the options and space of ``--experiment``'s
+quality objective (the DeciDiffusion 1.0 experiment's by default): its one-time work composed from timed parts
+(``--supernet-steps`` arch-steps of training, optionally one checkpoint in ``--checkpoint-dir``), its per-trial
+score end to end.
 
 Writes ``benchmarks/results/proxy_cost_sd_<device>.json`` (``--name`` to change it).
 """
@@ -37,10 +45,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from common import write_result
+from proxy_cost_sd_supernet import compose, supernet_objective, time_supernet
 
 from proxies.cost import arch_costs
 from proxies.data import LatentCache
@@ -51,7 +61,8 @@ from search_spaces import get_arch
 from search_spaces.inherit import inherit_weights
 
 PROXY_NAMES = ("macs", "params", "grad_norm", "snip", "synflow", "jacob_cov", "distill_kd@0", "distill_task@20",
-               "short_train_inherit@20", "cosine@16/lr0.002", "surrogate_per_trial@5")
+               "short_train_inherit@20", "cosine@16/lr0.002", "surrogate_per_trial@5", "supernet")
+ROOT = Path(__file__).resolve().parents[1]
 GT_STEPS = 200  # the benchmark's ground-truth protocol: 200 cosine steps (proxy_validity_cosine.py)
 
 
@@ -111,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anchors", type=int, default=8, help="the surrogate's anchors (its default)")
     parser.add_argument("--proxies", nargs="*", default=None, help="time only these proxies (default: all)")
     parser.add_argument("--name", default=None, help="result file name (default proxy_cost_sd_<device>)")
+    parser.add_argument("--experiment", default=str(ROOT / "experiments" / "decidiffusion_v1.yaml"),
+                        help="supernet: the experiment whose quality objective's options and space are priced")
+    parser.add_argument("--supernet-steps", type=int, default=20,
+                        help="supernet: arch-steps of training timed (the experiment's steps are composed)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="supernet: also time one checkpoint of the supernets' state, written here and deleted")
     args = parser.parse_args(argv)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -121,10 +138,23 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an unknown name or a bad YAML: one line, exit 2
         print(f"error: --teacher/--student: {exc}", file=sys.stderr)
         return 2
+    for field in ("in_channels", "cross_attention_dim"):  # one latent cache and one teacher serve both
+        if getattr(student_arch, field) != getattr(teacher_arch, field):
+            print(f"error: --student: its {field} {getattr(student_arch, field)} is not the teacher's "
+                  f"{getattr(teacher_arch, field)}", file=sys.stderr)
+            return 2
     unknown = sorted(set(args.proxies or ()) - set(PROXY_NAMES))
     if unknown:
         print(f"error: --proxies: unknown {', '.join(unknown)} (known: {', '.join(PROXY_NAMES)})", file=sys.stderr)
         return 2
+    want_supernet = args.proxies is None or "supernet" in args.proxies
+    if want_supernet:
+        try:
+            supernet_objective(args.experiment, teacher_arch)
+        except Exception as exc:  # a missing or bad experiment, one without a supernet objective, another teacher
+            where = "" if getattr(exc, "field", None) == "--teacher" else "--experiment: "
+            print(f"error: {where}{exc}", file=sys.stderr)
+            return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     autocast = (lambda: torch.autocast(device.split(":")[0], dtype=dtype)) if args.dtype != "fp32" \
         else contextlib.nullcontext
@@ -182,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "cosine@16/lr0.002": (lambda: full_fidelity(student_arch, ctx, 16, lr=2e-3, eval_items=64), True),
         "surrogate_per_trial@5": (lambda: cheap_features(student_arch, ctx, 5, eval_items=64), True),
     }
-    assert set(proxies) == set(PROXY_NAMES)
+    assert set(proxies) | {"supernet"} == set(PROXY_NAMES)
     proxies = {k: v for k, v in proxies.items() if args.proxies is None or k in args.proxies}
     measured: dict[str, dict[str, Any]] = {name: {"calls": []} for name in proxies}
     for _ in range(args.passes):  # every proxy once per pass, so a change of clock or load hits all alike
@@ -205,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
             m["pass_spread"] = (max(m["calls"]) - min(m["calls"])) / max(min(m["calls"]), 1e-9)
     spreads = [m["pass_spread"] for n, m in measured.items() if "pass_spread" in m and n not in ("macs", "params")]
     noise_floor = statistics.median(spreads) if len(spreads) and args.passes > 1 else None
+
+    # ---- the supernet proxy: its one-time work in parts, its per-trial score end to end ---------------------------
+    supernet = None
+    if want_supernet:
+        supernet = time_supernet(args.experiment, ctx, teacher_arch, student_arch, autocast, device,
+                                 args.supernet_steps, args.passes, args.checkpoint_dir)
+        print(f"{'supernet':28s} {supernet.get('error', 'measured')}", flush=True)
 
     # ---- composed from the parts: what is too long to run here -----------------------------------------------
     base = parts["build_student_s"] + parts["inherit_s"]
@@ -239,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             hours[name] = {"per_trial_s": seconds, "one_time_s": 0.0, "composed": True,
                            "search_gpu_hours": args.trials * seconds / 3600,
                            "cost_fraction_of_ground_truth": seconds / gt_run}
+    priced = compose(supernet, args.trials, gt_run) if supernet else None
+    if priced:
+        hours[f"supernet ({args.experiment}: one-time composed, per trial measured)"] = priced
     hours["ground_truth_per_trial (for scale)"] = {"per_trial_s": gt_run, "composed": True,
                                                     "search_gpu_hours": args.trials * gt_run / 3600}
 
@@ -269,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                                    f"{args.batch}, then the held-out loss over {args.eval_items} items x "
                                    f"{GT_TIMESTEPS} timesteps (the CPU benchmarks' protocol at this scale; composed)",
         "parts": parts, "proxies": measured, "composed": composed, "composition_check": composition_check,
-        "search_gpu_hours": hours, "elapsed_s": time.perf_counter() - start_all,
+        "supernet": supernet, "search_gpu_hours": hours, "elapsed_s": time.perf_counter() - start_all,
     })
     print(f"noise floor (pass-to-pass, median over proxies): {noise_floor}")
     print(f"wrote {out}")

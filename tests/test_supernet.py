@@ -255,3 +255,30 @@ def test_the_short_run_is_the_distill_runs_first_steps_and_weighs_in_as_a_power(
     assert fewer.details["shared_loss"] == alone.score  # the shared weights' evaluation keeps eval_items
     assert fewer.details["short_loss"] == pytest.approx(
         cheap_features(arch, ctx, 3, eval_items=4)["loss@K"], rel=1e-6)
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_whole_and_no_partial_file(tmp_path, monkeypatch):
+    """A full disk mid-save: the error reaches the caller, the previous checkpoint is still the one on disk and no
+    temporary file is left behind to hold the space a rerun needs."""
+    import errno
+
+    namespace: dict = {"__name__": "supernet_script"}
+    exec(compile(SCRIPT, "supernet_script", "exec"), namespace)
+    real_save, saves = torch.save, []
+
+    def save(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:  # the second checkpoint: half a file, then the disk is full
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            namespace["scores"](tmp_path, OPTIONS)
+    finally:
+        torch.set_num_threads(threads)
+    assert _state(tmp_path)["step"] == OPTIONS["checkpoint_every"]  # the first checkpoint, whole
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]

@@ -333,8 +333,14 @@ class Supernet(QualityProxy):
                  "scheduler": sched.state_dict(), "rng": _lists(rng.getstate()), "generator": gen.get_state(),
                  "step": step, "saved_at": time.time()}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a kill leaves the previous checkpoint whole
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)  # a kill leaves the previous checkpoint whole
+        except BaseException:
+            # a full disk (at SD scale a checkpoint is ~12 bytes per supernet parameter, and the next is written
+            # beside the last) must not leave a partial file that holds the space the rerun needs
+            tmp.unlink(missing_ok=True)
+            raise
 
     # ---- per trial -------------------------------------------------------------------------------------------
 
