@@ -52,6 +52,25 @@ def environment() -> dict[str, Any]:
     }
 
 
+def sync(device: str) -> None:
+    """Wait for the device's queued work, so that a wall-clock time covers it (a no-op on the CPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def peak_gib(device: str) -> float | None:
+    """Peak GPU memory allocated since the last call, in GiB (None on the CPU); resets the peak."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    value = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return round(value, 2)
+
+
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
     """A matplotlib figure as PNG, written atomically like every other result file."""
     import io

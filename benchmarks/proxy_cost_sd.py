@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import write_result
+from common import peak_gib, sync, write_result
 from proxy_cost_sd_supernet import compose, supernet_objective, time_supernet
 
 from proxies.cost import arch_costs
@@ -77,11 +77,6 @@ def random_cache(arch, resolution: int, text_len: int, n_train: int, n_val: int,
                                  "path": "random latents (cost only)"})
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], Any], device: str, repeats: int = 1, warmup: int = 1) -> tuple[float, list[float]]:
     """Median seconds of ``repeats`` calls after ``warmup`` untimed ones, with the device synchronised."""
     for _ in range(warmup):
@@ -94,14 +89,6 @@ def timed(fn: Callable[[], Any], device: str, repeats: int = 1, warmup: int = 1)
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), times
-
-
-def peak_gib(device: str) -> float | None:
-    if not device.startswith("cuda"):
-        return None
-    value = torch.cuda.max_memory_allocated() / 2**30
-    torch.cuda.reset_peak_memory_stats()
-    return round(value, 2)
 
 
 def main(argv: list[str] | None = None) -> int:

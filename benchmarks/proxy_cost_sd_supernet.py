@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import peak_gib, sync
 
 from nas.experiment import load_experiment
 from nas.search.objectives import load_space
@@ -75,8 +76,7 @@ class _Stamps:
         self.device, self.lines = device, []
 
     def __call__(self, message: str) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(self.device)
         self.lines.append((time.perf_counter(), message))
 
     def steps(self) -> list[tuple[int, float]]:
@@ -95,14 +95,6 @@ def _train_timed(options: dict[str, Any], ctx: Any, autocast: Any, device: str) 
         proxy.fit(ctx)
     stamps("done")
     return proxy, stamps
-
-
-def _peak_gib(device: str) -> float | None:
-    if not device.startswith("cuda"):
-        return None
-    value = torch.cuda.max_memory_allocated() / 2**30
-    torch.cuda.reset_peak_memory_stats()
-    return round(value, 2)
 
 
 def time_supernet(experiment: str | Path, ctx: Any, teacher_arch: UNetArch, student_arch: UNetArch, autocast: Any,
@@ -127,13 +119,12 @@ def time_supernet(experiment: str | Path, ctx: Any, teacher_arch: UNetArch, stud
 
 def _measure(out: dict[str, Any], options: dict[str, Any], ctx: Any, arch: UNetArch, autocast: Any, device: str,
              steps: int, passes: int, checkpoint_dir: Path | None, text_len: int) -> None:
-    _peak_gib(device)
+    peak_gib(device)
     finder = Supernet(**options)
     start = time.perf_counter()
     with autocast():
         groups = finder.find_groups(ctx)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(device)
     out["groups_s"] = time.perf_counter() - start
     out["split_on"] = finder.split_names
     out["split_damage"] = finder.split_damage
@@ -149,7 +140,7 @@ def _measure(out: dict[str, Any], options: dict[str, Any], ctx: Any, arch: UNetA
     every = max(1, steps // 4)
     timing = {**options, "steps": steps, "split": finder.split_names, "checkpoint_every": every}
     proxy, stamps = _train_timed(timing, ctx, autocast, device)
-    out["train_peak_gib"] = _peak_gib(device)
+    out["train_peak_gib"] = peak_gib(device)
     marks = stamps.steps()
     (first_step, first_t), (last_step, last_t) = marks[0], marks[-1]
     out["step_s"] = (last_t - first_t) / max(last_step - first_step, 1)
@@ -161,18 +152,16 @@ def _measure(out: dict[str, Any], options: dict[str, Any], ctx: Any, arch: UNetA
     calls, short = [], []
     for _ in range(passes):
         for record, fn in ((calls, lambda: proxy(arch, ctx)), (short, lambda: proxy.short_run(arch, ctx))):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync(device)
             start = time.perf_counter()
             with autocast():
                 fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync(device)
             record.append(time.perf_counter() - start)
     out["per_trial_calls"], out["short_run_calls"] = calls, short
     out["per_trial_s"], out["short_run_s"] = min(calls), min(short)
     out["pass_spread"] = (max(calls) - min(calls)) / min(calls) if passes > 1 else None
-    out["trial_peak_gib"] = _peak_gib(device)
+    out["trial_peak_gib"] = peak_gib(device)
     print(f"supernet per trial: {out['per_trial_s']:.2f}s (short run {out['short_run_s']:.2f}s)", flush=True)
     proxy._nets = None  # the supernets' memory, before the checkpointed training builds its own
     proxy = None
