@@ -24,8 +24,8 @@ the device up, because at this scale a warm-up call of each would add a pass.
 GPU (the committed result):  python benchmarks/proxy_cost_sd.py --device cuda
 CPU smoke run:               python benchmarks/proxy_cost_sd.py --device cpu --teacher tiny --student tiny \\
                                  --resolution 128 --eval-items 8 --name proxy_cost_smoke --proxies macs distill_kd@0
-CPU smoke run of the supernet: python benchmarks/proxy_cost_sd.py --device cpu --teacher digits --student digits \
-                                 --experiment experiments/quickstart.yaml --resolution 64 --text-len 8 \
+CPU smoke run of the supernet: python benchmarks/proxy_cost_sd.py --device cpu --teacher digits --student digits \\
+                                 --experiment experiments/quickstart.yaml --resolution 64 --text-len 8 \\
                                  --eval-items 8 --proxies supernet --checkpoint-dir /tmp --name proxy_cost_smoke
 
 The ``supernet`` proxy (``proxy_cost_sd_supernet.py``) is priced with the options and space of ``--experiment``'s
@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anchors", type=int, default=8, help="the surrogate's anchors (its default)")
     parser.add_argument("--proxies", nargs="*", default=None, help="time only these proxies (default: all)")
     parser.add_argument("--name", default=None, help="result file name (default proxy_cost_sd_<device>)")
-    parser.add_argument("--experiment", default=str(ROOT / "experiments" / "decidiffusion_v1.yaml"),
-                        help="supernet: the experiment whose quality objective's options and space are priced")
+    parser.add_argument("--experiment", default="experiments/decidiffusion_v1.yaml",
+                        help="supernet: the experiment whose quality objective's options and space are priced "
+                             "(a relative path not found here is read from the project's root)")
     parser.add_argument("--supernet-steps", type=int, default=20,
                         help="supernet: arch-steps of training timed (the experiment's steps are composed)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
@@ -135,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --proxies: unknown {', '.join(unknown)} (known: {', '.join(PROXY_NAMES)})", file=sys.stderr)
         return 2
     want_supernet = args.proxies is None or "supernet" in args.proxies
+    experiment = Path(args.experiment)
+    if not experiment.is_file() and not experiment.is_absolute() and (ROOT / experiment).is_file():
+        experiment = ROOT / experiment
     if want_supernet:
         try:
-            supernet_objective(args.experiment, teacher_arch)
+            supernet_objective(experiment, teacher_arch)
         except Exception as exc:  # a missing or bad experiment, one without a supernet objective, another teacher
             where = "" if getattr(exc, "field", None) == "--teacher" else "--experiment: "
             print(f"error: {where}{exc}", file=sys.stderr)
@@ -226,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     # ---- the supernet proxy: its one-time work in parts, its per-trial score end to end ---------------------------
     supernet = None
     if want_supernet:
-        supernet = time_supernet(args.experiment, ctx, teacher_arch, student_arch, autocast, device,
+        supernet = time_supernet(experiment, ctx, teacher_arch, student_arch, autocast, device,
                                  args.supernet_steps, args.passes, args.checkpoint_dir)
+        supernet["experiment"] = args.experiment  # as given: the result names no path of this machine
         print(f"{'supernet':28s} {supernet.get('error', 'measured')}", flush=True)
 
     # ---- composed from the parts: what is too long to run here -----------------------------------------------
