@@ -201,9 +201,9 @@ def compose(out: dict[str, Any], trials: int, gt_run_s: float, amortise_over: in
     ground-truth run (one-time work divided by ``amortise_over`` trials, as the CPU benchmarks count it)."""
     if "per_trial_s" not in out:
         return None
-    o = out["options"]
-    total_steps = o.get("steps", 1000)
-    saves = total_steps // o.get("checkpoint_every", 100)
+    proxy = Supernet(**out["options"])  # the experiment's options over the proxy's own defaults
+    total_steps = proxy.options["steps"]
+    saves = total_steps // proxy.checkpoint_every
     save_s = out.get("checkpoint_save_s")
     one_time = out["groups_s"] + out["setup_s"] + total_steps * out["step_s"] + saves * (save_s or 0.0)
     return {"per_trial_s": out["per_trial_s"], "one_time_s": one_time, "composed": True,
