@@ -291,6 +291,24 @@ def run_validity(args) -> None:
                  + [(f"validity-spread-long-{i}", a, long_steps, args.seed) for i, a in enumerate(spread)])
 
 
+def run_table_validity(args) -> None:
+    """The ground truth's validity on the table itself (``--tests table``): ``--table-validity`` table archs drawn
+    at random (:func:`proxy_validity_table.table_validity_archs`), each at the ground truth's length (the table's
+    own run, cached) and at ``--long-factor`` x, then its cheap signals; claimed, so several processes share them."""
+    from proxy_validity_table import table_validity_archs
+
+    if args.tests != "table":
+        raise SystemExit("--part table-validity needs --tests table")
+    ctx, _, anchors, tests = setup(args)
+    drawn = table_validity_archs(tests, anchors, args.table_validity, args.seed)
+    long_steps = args.gt_steps * args.long_factor
+    run_jobs(args, ctx, [(f"table-validity-gt-{arch_key(a)}", a, args.gt_steps, args.seed) for a in drawn]
+             + [(f"table-validity-long-{arch_key(a)}", a, long_steps, args.seed) for a in drawn])
+    run_claimed(args, [(f"table-validity-signals-{arch_key(a)}", lambda a=a: (features(args, ctx, a),
+                                                                             short_cosine(args, ctx, a)))
+                       for a in drawn])
+
+
 def run_signals(args) -> None:
     """Every validity arch's cheap signals (features and the short cosine runs of this ``--gt-steps``): the design
     archs, then the ``--spread`` archs, each claimed so that several processes share them. With them the
@@ -346,11 +364,12 @@ def run_long(args) -> None:
 
 if __name__ == "__main__":
     from proxy_validity_report import report, validity_report
+    from proxy_validity_table import table_validity_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", required=True,
                         choices=("all", "main", "design", "long", "validity", "signals", "proxies",
-                                 "validity-report", "report"),
+                                 "validity-report", "table-validity", "table-validity-report", "report"),
                         help="all: every job, shareable by several processes on one work folder")
     parser.add_argument("--tests", choices=("random", "table"), default="random",
                         help="test archs: --archs random ones, or all 64 of the benchmark's table sub-space")
@@ -371,6 +390,9 @@ if __name__ == "__main__":
                         help="validity: also every design arch's ground truth at this many steps (0: none)")
     parser.add_argument("--spread", type=int, default=0,
                         help="validity: N more archs picked by distill_task@20 over a random pool (0: none)")
+    parser.add_argument("--table-validity", type=int, default=12,
+                        help="table-validity and its report (--tests table): table archs drawn at random for the "
+                             "validity test on the table itself")
     parser.add_argument("--spread-pool", type=int, default=24, help="validity: the pool --spread picks from")
     parser.add_argument("--teacher-steps", type=int, help="default: the benchmark's (shapes2 4,000; else 400)")
     parser.add_argument("--feature-eval-items", type=int, default=64)
@@ -398,7 +420,8 @@ if __name__ == "__main__":
     args.archs = 0 if args.tests == "table" else args.archs
     torch.set_num_threads(1)
     parts = {"all": run_all, "main": run_main, "design": run_design, "long": run_long, "validity": run_validity,
-             "signals": run_signals, "proxies": run_proxies,
+             "signals": run_signals, "proxies": run_proxies, "table-validity": run_table_validity,
+             "table-validity-report": lambda a: table_validity_report(a, setup),
              "validity-report": lambda a: validity_report(a, setup, group),
              "report": lambda a: report(a, setup, gt, features, group)}
     parts[args.part](args)
