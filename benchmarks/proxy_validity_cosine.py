@@ -27,7 +27,9 @@ writes it to ``proxy_gt_validity_BENCHMARK_seedN.json``;
 ``--new-modules identity`` starts what the teacher lacks as the identity in every run (ground truth and
 proxies, work folder ``..._identity``), ``--part proxies`` runs what ``proxy_identity_init.py`` compares (the
 design archs' jobs and the test archs' proxies, no test ground truth) and ``--teacher-from`` copies another work
-folder's teacher; ``--part report`` analyses whatever is finished. ``--tests table``:
+folder's teacher; ``--part report`` analyses whatever is finished; ``--part table-validity`` (with ``--tests table``)
+trains ``--table-validity`` random archs of the table itself at 5x and ``--part table-validity-report`` writes that
+validity test to ``proxy_gt_validity_table_<run>.json`` (:mod:`proxy_validity_table`). ``--tests table``:
 the test archs are every arch of the benchmark's 64-arch sub-space of :func:`table_space` (the search-quality study's
 table; results file suffixed ``_table`` except on digits) instead of ``--archs`` random ones; each test and design
 arch also gets the short cosine runs of ``short_cosine_runs`` (4% and 8% of ``--gt-steps``). ``--device cuda`` trains
@@ -294,11 +296,10 @@ def run_validity(args) -> None:
 def run_table_validity(args) -> None:
     """The ground truth's validity on the table itself (``--tests table``): ``--table-validity`` table archs drawn
     at random (:func:`proxy_validity_table.table_validity_archs`), each at the ground truth's length (the table's
-    own run, cached) and at ``--long-factor`` x, then its cheap signals; claimed, so several processes share them."""
+    own run, cached) and at ``--long-factor`` x, then its cheap signals, then the first ``--table-repeat`` of them
+    at both lengths under another data-order seed; claimed, so several processes share them."""
     from proxy_validity_table import table_validity_archs
 
-    if args.tests != "table":
-        raise SystemExit("--part table-validity needs --tests table")
     ctx, _, anchors, tests = setup(args)
     drawn = table_validity_archs(tests, anchors, args.table_validity, args.seed)
     long_steps = args.gt_steps * args.long_factor
@@ -307,6 +308,9 @@ def run_table_validity(args) -> None:
     run_claimed(args, [(f"table-validity-signals-{arch_key(a)}", lambda a=a: (features(args, ctx, a),
                                                                              short_cosine(args, ctx, a)))
                        for a in drawn])
+    repeated = drawn[: args.table_repeat]  # the noise of both lengths, measured on the table's own archs
+    run_jobs(args, ctx, [(f"table-validity-repeat-{arch_key(a)}", a, args.gt_steps, args.seed + 1000) for a in repeated]
+             + [(f"table-validity-long-repeat-{arch_key(a)}", a, long_steps, args.seed + 1000) for a in repeated])
 
 
 def run_signals(args) -> None:
@@ -393,6 +397,8 @@ if __name__ == "__main__":
     parser.add_argument("--table-validity", type=int, default=12,
                         help="table-validity and its report (--tests table): table archs drawn at random for the "
                              "validity test on the table itself")
+    parser.add_argument("--table-repeat", type=int, default=3,
+                        help="table-validity: repeat the first N drawn archs at both lengths (another data-order seed)")
     parser.add_argument("--spread-pool", type=int, default=24, help="validity: the pool --spread picks from")
     parser.add_argument("--teacher-steps", type=int, help="default: the benchmark's (shapes2 4,000; else 400)")
     parser.add_argument("--feature-eval-items", type=int, default=64)
@@ -410,6 +416,8 @@ if __name__ == "__main__":
                         help="cache folder (default runs/proxy_validity_cosine_BENCHMARK_seedN, suffixed by the "
                              "options that differ from their defaults)")
     args = parser.parse_args()
+    if args.part.startswith("table-validity") and args.tests != "table":
+        parser.error(f"--part {args.part} needs --tests table")
     args.teacher_steps = args.teacher_steps or TEACHER_STEPS[args.benchmark]
     init = "" if args.new_modules == "fresh" else f"_{args.new_modules}"
     init += "" if args.gt_lr == 1e-3 else f"_gtlr{args.gt_lr:g}"

@@ -137,11 +137,20 @@ def table_validity_report(args, setup) -> dict:
         run = _read(args.work / f"gt-{arch_key(a)}-{steps}-{seed}.json")
         return run or (committed.get(arch_key(a)) if (steps, seed) == (args.gt_steps, args.seed) else None)
 
-    reps = repeat_pairs(gfile, anchors, args.gt_steps, args.seed)
+    # repeat noise pooled over the design archs' repeats and the table archs' (--table-repeat's, and those of
+    # proxy_supernet.py --part validity where it ran on this folder)
+    design_keys = {arch_key(a) for a in anchors}
+    table_only = [a for a in tests if arch_key(a) not in design_keys]
+    table_reps = repeat_pairs(gfile, table_only, args.gt_steps, args.seed)
+    reps = repeat_pairs(gfile, anchors, args.gt_steps, args.seed) + table_reps
     every = [g["task_loss"] for g in (gfile(a, args.gt_steps, args.seed) for a in tests) if g]
     noise = noise_figures([x for x, _ in reps], [y for _, y in reps], every) if len(reps) > 2 and every else {}
     sigma = noise.get("ground_truth_repeat_sigma_log")
+    table_long_reps = repeat_pairs(gfile, table_only, args.gt_steps * args.long_factor, args.seed)
     long_reps, noise_steps = long_noise_pairs(args, gfile, anchors)
+    if noise_steps != args.gt_steps * args.long_factor:  # repeats at 5x itself only, no shorter length's stand-in:
+        long_reps, noise_steps = [], args.gt_steps * args.long_factor  # the design archs' and the table archs'
+    long_reps = long_reps + table_long_reps
     out: dict = {"benchmark": "proxy_gt_validity_table", "environment": environment(), "source": source,
                  "benchmark_name": args.benchmark, "seed": args.seed, "gt_steps": args.gt_steps,
                  "teacher_steps": args.teacher_steps, "threads": 1,
@@ -149,7 +158,9 @@ def table_validity_report(args, setup) -> dict:
                                  if recomputed else "the run's committed results'",
                  "supernet_results": sup_path.name if sup_path else None,
                  **{f"table_{k}" if "pairs" in k or "ceiling" in k else k: v for k, v in noise.items()},
-                 "long_noise_from_steps": noise_steps if long_reps else None, "long_repeat_n": len(long_reps)}
+                 "ground_truth_repeat_n_table_archs": len(table_reps),
+                 "long_noise_from_steps": noise_steps if long_reps else None, "long_repeat_n": len(long_reps),
+                 "long_repeat_n_table_archs": len(table_long_reps)}
     table = out["table_validity"] = table_validity(args, gfile, tests, anchors, sigma, long_reps,
                                                    supernet_scores(sup_path) if sup_path else None)
     runs = [(_read(args.work / f"gt-{e['arch_key']}-{args.gt_steps}-{args.seed}.json"), committed.get(e["arch_key"]))
