@@ -44,8 +44,8 @@ def table_validity_archs(tests: list[UNetArch], anchors: list[UNetArch], n: int,
     return random.Random(seed + TABLE_VALIDITY_SEED).sample(pool, min(n, len(pool)))
 
 
-def supernet_scores(results: Path) -> dict[str, list[float]]:
-    """arch key -> each supernet seed's score of the default configuration, from a committed
+def supernet_scores(results: Path) -> dict[int, dict[str, float]]:
+    """Supernet seed -> arch key -> score, of every run of the default configuration in a committed
     ``proxy_validity_supernet_*.json`` (its ``values`` follow the source run's ``archs``); empty if absent."""
     sup = _read(results)
     if not sup:
@@ -57,11 +57,7 @@ def supernet_scores(results: Path) -> dict[str, list[float]]:
     keys = [arch_key(UNetArch.from_dict(e["arch"])) for e in source["archs"]]
     from proxy_supernet import default_rows  # it imports the benchmark this module reports for
 
-    out: dict[str, list[float]] = {}
-    for row in default_rows(sup["proxies"]):
-        for key, value in zip(keys, row["values"], strict=True):
-            out.setdefault(key, []).append(value)
-    return out
+    return {row["supernet_seed"]: dict(zip(keys, row["values"], strict=True)) for row in default_rows(sup["proxies"])}
 
 
 def supernet_results_of(results: Path, source: str) -> Path | None:
@@ -74,7 +70,8 @@ def supernet_results_of(results: Path, source: str) -> Path | None:
 
 
 def table_validity(args, gfile, tests: list[UNetArch], anchors: list[UNetArch], sigma_gt: float | None,
-                   long_reps: list[tuple[float, float]], supernet: dict[str, list[float]] | None = None) -> dict | None:
+                   long_reps: list[tuple[float, float]], supernet: dict[int, dict[str, float]] | None = None
+                   ) -> dict | None:
     """Kendall tau between the ground truth and the 5x runs on the drawn table archs, the discordant pairs and how
     many lie beyond both rankings' noise, and how the cheap signals (and the supernet's scores, where given) rank
     the same archs against each; None when no drawn arch has both runs yet."""
@@ -105,9 +102,9 @@ def table_validity(args, gfile, tests: list[UNetArch], anchors: list[UNetArch], 
         out["discordant_pairs"] = int(discordant)
     keys = [arch_key(a) for a, _, _ in runs]
     signals = {name: scores for name, (scores, _) in (cheap_signals(args.work, keys, args.gt_steps) or {}).items()}
-    if supernet and all(k in supernet for k in keys):
-        for s in range(min(len(supernet[k]) for k in keys)):
-            signals[f"supernet_default/seed{s}"] = [supernet[k][s] for k in keys]
+    for seed, scores in sorted((supernet or {}).items()):
+        if all(k in scores for k in keys):
+            signals[f"supernet_default/seed{seed}"] = [scores[k] for k in keys]
     out["signals"] = {name: {"tau_vs_ground_truth": tau(v, gts), "tau_vs_long": tau(v, longs)}
                       for name, v in signals.items()}
     out["archs"] = [{"arch_key": arch_key(a), "gt": g["task_loss"], "long": lg["task_loss"],
