@@ -27,6 +27,14 @@ def table_suffix(tests: str, benchmark: str) -> str:
     return "_table" if tests == "table" and benchmark != "digits" else ""
 
 
+def run_stem(results_stem: str) -> str:
+    """The name of a ``proxy_validity_cosine*`` run for the files other studies write about it: the results file's
+    stem less ``proxy_validity_cosine_``, with ``digits`` in front where the benchmark is not named (digits' runs
+    kept the plain name): ``digits``, ``digits_seed2``, ``shapes2_table_seed1_teacher4000``."""
+    stem = results_stem.removeprefix("proxy_validity_cosine").lstrip("_")
+    return stem if stem.startswith(("digits", "shapes")) else "_".join(["digits", stem] if stem else ["digits"])
+
+
 def environment() -> dict[str, Any]:
     """Where and with what a result was measured. ``torch_cpu_capability`` is the instruction set torch's CPU
     kernels dispatch to (AVX2, AVX512, ...): two machines that differ in it sum in another order, and a long

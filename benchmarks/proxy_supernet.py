@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import environment
+from common import environment, run_stem
 from proxy_step_budget import REQUIRED, run_args
 from proxy_validity_cosine import SHORT_EVAL_ITEMS, cached, gt, run_claimed, setup, table_space
 from proxy_validity_report import _one_hot, noise_figures
@@ -398,9 +398,7 @@ def report(args, results: dict) -> None:
             row = out[label]
             print(f"{label} over {row['seeds']} seeds: tau {row['kendall_tau_min']:.3f}-{row['kendall_tau_max']:.3f}, "
                   f"cost <= {row['cost_fraction_max']:.1%}, target met on every seed: {row['target_met_every_seed']}")
-    stem = args.results.stem.removeprefix("proxy_validity_cosine").lstrip("_")
-    stem = stem if stem.startswith(("digits", "shapes")) else "_".join(["digits", stem] if stem else ["digits"])
-    dest = Path("benchmarks/results") / f"proxy_validity_supernet_{stem}.json"
+    dest = Path("benchmarks/results") / f"proxy_validity_supernet_{run_stem(args.results.stem)}.json"
     atomic_write(dest, json.dumps(out, indent=1) + "\n")
     print(f"ground truth: {out['ground_truth']}; wrote {dest}")
 

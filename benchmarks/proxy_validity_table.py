@@ -1,7 +1,6 @@
 """The ground truth's validity on the 64-arch table the proxies and the search study are judged on
 (``proxy_validity_cosine.py --tests table --part table-validity``, then ``--part table-validity-report``, which
-writes ``benchmarks/results/proxy_gt_validity_table_<run>.json``; ``<run>`` is the run's results file less
-``proxy_validity_cosine_``, ``digits`` for digits seed 0).
+writes ``benchmarks/results/proxy_gt_validity_table_<run>.json``, ``<run>`` as :func:`common.run_stem` names it).
 
 Why a second validity test: the design archs that ``--part validity`` trains at 5x are spread over the whole
 space, two-stage archs included, while the table sub-space (:func:`proxy_validity_cosine.table_space`) holds
@@ -15,7 +14,7 @@ import random
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, environment, write_result
+from common import RESULTS, environment, run_stem, write_result
 from proxy_validity_report import (
     _read,
     cheap_signals,
@@ -114,7 +113,7 @@ def table_validity(args, gfile, tests: list[UNetArch], anchors: list[UNetArch], 
 
 
 def table_validity_report(args, setup) -> dict:
-    """What ``--part table-validity`` measured, with the design archs' repeat noise for the ceiling, the signals'
+    """What ``--part table-validity`` measured, with the repeat noise of both lengths for the ceiling, the signals'
     taus on the drawn archs (the supernet study's default scores among them) and a reproduction check.
 
     The reference ground truth is the one the run's supernet study judged against: this work folder's where that
@@ -165,12 +164,10 @@ def table_validity_report(args, setup) -> dict:
     diffs = [abs(run["task_loss"] / kept["task_loss"] - 1) for run, kept in runs if run and kept]
     out["ground_truth_reproduction"] = {"n": len(diffs), "max_rel_diff": max(diffs) if diffs else None,
                                         "against": "the committed results' ground truth" if committed else None}
-    name = source.removesuffix(".json").removeprefix("proxy_validity_cosine").lstrip("_") or "digits"
-    name = name if name.startswith(("digits", "shapes")) else f"digits_{name}"
     for key in ("n", "tau", "ceiling", "ceiling_p5", "discordant_pairs", "discordant_beyond_noise"):
         print(f"{key}: {(table or {}).get(key)}")
     for sig, v in ((table or {}).get("signals") or {}).items():
         print(f"{sig:32s} tau vs ground truth {v['tau_vs_ground_truth']:5.2f}  vs 5x {v['tau_vs_long']:5.2f}")
     print(f"ground truth reproduction: {out['ground_truth_reproduction']}")
-    print(f"wrote {write_result(f'proxy_gt_validity_table_{name}', out)}")
+    print(f"wrote {write_result(f'proxy_gt_validity_table_{run_stem(result_name(args))}', out)}")
     return out
