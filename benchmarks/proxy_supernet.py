@@ -24,7 +24,13 @@ report gives that validity tau and repeat noise in place of the source run's.
     python benchmarks/proxy_supernet.py --part run --results R [--supernet-seed 1]   # the proxy's defaults
     python benchmarks/proxy_supernet.py --part run --results R --steps 2000 --short-steps 0 --split inheritance
     python benchmarks/proxy_supernet.py --part short --results R [--supernet-seed 1] [--short-steps 5]
+    python benchmarks/proxy_supernet.py --part run --results R --supernet-seed 1 --feasible-share 0.5
     python benchmarks/proxy_supernet.py --part report --results R
+
+``--feasible-share F`` trains the supernets under a cost bound, as a search passes its experiment's constraints to
+the proxy: MACs at most the ``F`` quantile of the table space's, so that a share ``F`` of the table meets it. The
+report ranks the table archs that meet it (the ones a search could pick) with those supernets and with the
+unbounded ones of the same seed (``bounded_training``).
 
 ``--part short`` runs only the per-trial short run (:meth:`Supernet.short_run`) on every table arch; the report
 combines it with a shared-weights-only ``--part run`` configuration of the same seed (the supernets are
@@ -53,6 +59,7 @@ from proxy_validity_cosine import SHORT_EVAL_ITEMS, cached, gt, run_claimed, set
 from proxy_validity_report import _one_hot, noise_figures
 from scipy.stats import kendalltau
 
+from proxies.cost import arch_costs
 from proxies.quality import make_proxy
 from proxies.quality.fidelity import cheap_features, full_fidelity
 from proxies.quality.supernet import Supernet
@@ -242,11 +249,51 @@ def short_weight_curve(row: dict, tau) -> dict[str, float]:
 
 
 def default_rows(proxies: dict) -> list[dict]:
-    """The rows run with the product's defaults (``split: auto``, its ``short_steps`` and ``short_weight``)."""
+    """The rows run with the product's defaults (``split: auto``, its ``short_steps`` and ``short_weight``) on the
+    whole table (no cost bound)."""
     d = Supernet()
-    return [v for k, v in proxies.items() if k.startswith("supernet:auto/") and v.get("short_steps") == d.short_steps
+    return [v for k, v in proxies.items() if k.startswith("supernet:auto/") and "feasible_share" not in v
+            and v.get("short_steps") == d.short_steps
             and v.get("short_weight") == d.short_weight and v.get("steps") == d.options["steps"]
             and v.get("short_eval_items", SHORT_EVAL_ITEMS) == d.short_eval_items]
+
+
+def macs_bound(space: SearchSpace, share: float, text_len: int) -> float:
+    """The MACs bound a share ``share`` of ``space``'s archs meets (its ``share`` quantile, archs enumerated)."""
+    macs = [arch_costs(a, batch=1, text_len=text_len).macs for a in space.enumerate()]
+    return float(np.quantile(macs, share, method="inverted_cdf"))
+
+
+def bounded_training(proxies: dict, truth: np.ndarray) -> dict:
+    """Supernets trained under a cost bound against the unbounded ones of the same configuration and seed, both
+    judged on the table archs meeting the bound (the archs a search could pick): Kendall tau against the ground
+    truth restricted to them, per seed, and the paired differences."""
+    out: dict = {}
+    for key, row in proxies.items():
+        if "feasible_share" not in row:
+            continue
+        base = proxies.get(key.rsplit("/feasible", 1)[0])
+        if base is None:
+            continue
+        meets = np.array(row["feasible_of_arch"])
+        tau = lambda v, meets=meets: float(kendalltau(np.array(v)[meets], truth[meets]).statistic)  # noqa: E731
+        entry = out.setdefault(f"{row['feasible_share']:g}", {
+            "n_feasible": int(meets.sum()), "feasible_macs_bound": row["feasible_macs_bound"],
+            "trained_groups": row.get("trained_groups"), "groups": base["groups"], "per_seed": {}})
+        entry["per_seed"][str(row["supernet_seed"])] = {
+            "config": key, "kendall_tau_bounded": tau(row["values"]), "kendall_tau_unbounded": tau(base["values"]),
+            "kendall_tau_bounded_shared_only": tau(row["shared_values"]),
+            "kendall_tau_unbounded_shared_only": tau(base["shared_values"]),
+            "supernet_seconds_bounded": row["supernet_seconds"], "supernet_seconds_unbounded": base["supernet_seconds"]}
+    for entry in out.values():
+        seeds = list(entry["per_seed"].values())
+        diff = [s["kendall_tau_bounded"] - s["kendall_tau_unbounded"] for s in seeds]
+        entry.update(seeds=len(seeds),
+                     kendall_tau_bounded_mean=float(np.mean([s["kendall_tau_bounded"] for s in seeds])),
+                     kendall_tau_unbounded_mean=float(np.mean([s["kendall_tau_unbounded"] for s in seeds])),
+                     difference_mean=float(np.mean(diff)), difference_min=min(diff), difference_max=max(diff),
+                     bounded_better_seeds=sum(d > 0 for d in diff), ties=sum(d == 0 for d in diff))
+    return out
 
 
 def run(args, results: dict) -> None:
@@ -257,13 +304,24 @@ def run(args, results: dict) -> None:
     table = SearchSpace(table_space(name))
     space = table if all(table.contains(a) for a in archs) else ctx.space  # a table run, or random test archs
     ctx = replace(ctx, space=space, seed=args.supernet_seed, cache_dir=None, teacher_outputs={})
+    bounded = {}
+    if args.feasible_share is not None:
+        if space is not table:
+            raise SystemExit("--feasible-share needs a table run (its bound is a quantile of the table space)")
+        text_len = ctx.data.text.shape[1]
+        bound = macs_bound(table, args.feasible_share, text_len)
+        meets = lambda a: arch_costs(a, batch=1, text_len=text_len).macs <= bound  # noqa: E731
+        ctx = replace(ctx, feasible=meets, feasible_label=f"macs <= {bound:.0f}")
+        bounded = {"feasible_share": args.feasible_share, "feasible_macs_bound": bound,
+                   "feasible_of_arch": [bool(meets(a)) for a in archs]}
     proxy = make_proxy("supernet", steps=args.steps, lr=args.lr, split=split_of(name, args.split),
                        short_steps=args.short_steps, short_weight=args.short_weight,
                        short_eval_items=args.short_eval_items)
     items = proxy.short_eval_items
     config = f"{args.split}/{args.steps}/lr{args.lr:g}/seed{args.supernet_seed}" + (
         f"/short{args.short_steps}x{args.short_weight:g}" + (f"i{items}" if items != SHORT_EVAL_ITEMS else "")
-        if args.short_steps and args.short_weight else "")
+        if args.short_steps and args.short_weight else "") + (
+        f"/feasible{args.feasible_share:g}" if bounded else "")
     base = baseline_seconds(ctx, archs, results["seed"])
     start = time.perf_counter()
     nets = proxy.fit(ctx)
@@ -279,7 +337,9 @@ def run(args, results: dict) -> None:
            "short_steps": args.short_steps, "short_weight": args.short_weight, "short_eval_items": items,
            "shared_values": [s.details["shared_loss"] for s in scores],
            "short_values": [s.details.get("short_loss") for s in scores],
-           "baseline_seconds": float(np.median(base)), "baseline_seconds_all": base}
+           "baseline_seconds": float(np.median(base)), "baseline_seconds_all": base,
+           **bounded, **({"trained_groups": len(nets), "group_feasible_share": {
+               str(list(k)): v for k, v in proxy.feasible_share.items()}} if bounded else {})}
     store_row(args.work / "configs.json", config, row)
     print(f"{config}: {row['seconds_per_arch']:.1f}s per arch", flush=True)
 
@@ -375,6 +435,9 @@ def report(args, results: dict) -> None:
             **({"kendall_tau_by_short_weight": short_weight_curve(row, tau)} if row.get("short_values", [None])[0]
                else {}),
             "cost_fraction_of_ground_truth": one_time + per_arch}
+    bounded = bounded_training(out["proxies"], truth)
+    if bounded:
+        out["bounded_training"] = bounded
     within = {k: v for k, v in out["proxies"].items() if v["cost_fraction_of_ground_truth"] <= 0.10}
     best = max(within, key=lambda k: within[k]["kendall_tau"])
     out["best_proxy_within_10_percent"] = {"name": best, **{k: within[best][k] for k in
@@ -382,8 +445,8 @@ def report(args, results: dict) -> None:
     # the product's default over every supernet seed run (the honest figure, not a best-of), and the shared
     # weights alone (split: auto, no short run: the proxy before short_steps)
     for label, rows in (("supernet_default", default_rows(out["proxies"])),
-                        ("supernet_auto", [v for k, v in out["proxies"].items()
-                                           if k.startswith("supernet:auto/") and not v.get("short_steps")])):
+                        ("supernet_auto", [v for k, v in out["proxies"].items() if k.startswith("supernet:auto/")
+                                           and not v.get("short_steps") and "feasible_share" not in v])):
         if rows:
             taus = [v["kendall_tau"] for v in rows]
             out[label] = {"seeds": len(rows), "kendall_tau_min": min(taus), "kendall_tau_max": max(taus),
@@ -393,6 +456,10 @@ def report(args, results: dict) -> None:
                               v["cost_fraction_of_ground_truth"] <= 0.10 for v in rows)}
     for name, row in out["proxies"].items():
         print(f"{name:>45}: tau {row['kendall_tau']:.3f}  cost {row['cost_fraction_of_ground_truth']:.1%}")
+    for share, row in out.get("bounded_training", {}).items():
+        print(f"bounded training, {row['n_feasible']} of {len(truth)} archs meet the bound ({share}): tau "
+              f"{row['kendall_tau_bounded_mean']:.3f} bounded vs {row['kendall_tau_unbounded_mean']:.3f} unbounded "
+              f"(mean over {row['seeds']} seeds; paired difference {row['difference_mean']:+.3f})")
     for label in ("supernet_default", "supernet_auto"):
         if label in out:
             row = out[label]
@@ -418,6 +485,8 @@ if __name__ == "__main__":
     parser.add_argument("--short-weight", type=float, default=Supernet().short_weight)
     parser.add_argument("--short-eval-items", type=int, default=Supernet().short_eval_items,
                         help="held-out items of the short run's evaluation")
+    parser.add_argument("--feasible-share", type=float, default=None,
+                        help="train under a MACs bound met by this share of the table space (0 < F < 1)")
     args = parser.parse_args()
     try:
         results = json.loads(args.results.read_text())
@@ -427,9 +496,9 @@ if __name__ == "__main__":
     if missing:
         parser.error(f"--results: {args.results}: not a proxy_validity_cosine results file (no {', '.join(missing)})")
     if args.steps < 1 or not args.lr > 0 or args.short_steps < 0 or not args.short_weight >= 0 or \
-            args.short_eval_items < 1:
-        parser.error("--steps must be >= 1, --lr > 0, --short-steps >= 0, --short-weight >= 0 and "
-                     "--short-eval-items >= 1")
+            args.short_eval_items < 1 or not (args.feasible_share is None or 0 < args.feasible_share < 1):
+        parser.error("--steps must be >= 1, --lr > 0, --short-steps >= 0, --short-weight >= 0, "
+                     "--short-eval-items >= 1 and --feasible-share in (0, 1)")
     args.work = Path("runs") / f"proxy_supernet_{args.results.stem}"
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

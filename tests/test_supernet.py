@@ -149,7 +149,7 @@ def test_a_student_trains_the_supernets_own_tensors():
     ({"short_steps": -1}, "short_steps"), ({"short_steps": 2.5}, "short_steps"),
     ({"short_weight": -0.1}, "short_weight"), ({"short_weight": "some"}, "short_weight"),
     ({"short_weight": float("nan")}, "short_weight"), ({"short_eval_items": 0}, "short_eval_items"),
-    ({"short_lr": 0}, "short_lr"),
+    ({"short_lr": 0}, "short_lr"), ({"train_on": "all"}, "train_on"),
 ])
 def test_bad_options_are_config_errors(options, field):
     with pytest.raises(ConfigError) as exc:
@@ -183,6 +183,7 @@ def test_a_search_with_two_workers_trains_the_supernets_once(tmp_path):
                    "  - {name: quality, kind: quality, proxy: supernet,\n"
                    "     options: {steps: 8, eval_items: 8, split: ['down[0].resnets']}}\n"
                    "quality_context: {batch_size: 8, eval_items: 8}\n"
+                   "constraints:\n  - {objective: params, max: 400000}\n"
                    f"budget: {{trials: 4}}\noutput_dir: {tmp_path / 'runs'}\n")
     res = CliRunner().invoke(app, ["search", str(exp), "--workers", "2"])
     assert res.exit_code == 0, res.output
@@ -190,6 +191,7 @@ def test_a_search_with_two_workers_trains_the_supernets_once(tmp_path):
     states = list(run.glob("supernet/*/state.pt"))
     assert len(states) == 1 and torch.load(states[0], weights_only=True)["step"] == 8
     assert "one-time work of the supernet8 proxy" in res.output
+    assert "training on the archs meeting params_le_400000 (400000)" in " ".join(res.output.split())
     study = optuna.load_study(study_name="sn", storage=f"sqlite:///{run / 'study.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 4 and len({t.values[1] for t in done}) > 1
@@ -282,3 +284,55 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_whole_and_no_pa
         torch.set_num_threads(threads)
     assert _state(tmp_path)["step"] == OPTIONS["checkpoint_every"]  # the first checkpoint, whole
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _bounded_context(feasible=None, label: str = "", cache=None):
+    from proxies.data import digits_cache
+    from proxies.quality import QualityContext
+    from search_spaces.space import SearchSpace
+
+    ctx = QualityContext(data=digits_cache(seed=0), seed=3, batch_size=8, eval_items=8, cache_dir=cache,
+                         space=SearchSpace.from_yaml(ROOT / "search_spaces" / "spaces" / "digits.yaml"),
+                         feasible=feasible, feasible_label=label)
+    ctx.teacher = ctx.build(get_arch("digits"), seed=3).eval()
+    return ctx
+
+
+def test_training_draws_only_archs_meeting_the_cost_bounds(monkeypatch):
+    """With bounds in the context, every training step is on an arch meeting them; a group none of whose archs
+    meets them gets no steps, and its archs are scored on the teacher's weights as inheritance gives them."""
+    from dataclasses import replace
+
+    import proxies.quality.supernet as supernet
+    from proxies.cost import count_params
+    from proxies.quality.base import evaluate
+    from proxies.quality.surrogate import arch_key
+
+    bound = 300_000
+    feasible = lambda a: a.down[0].resnets == 1 and count_params(a) <= bound  # noqa: E731
+    trained = []
+    real = supernet.backward_batch
+    monkeypatch.setattr(supernet, "backward_batch", lambda model, *a: trained.append(model.arch) or real(model, *a))
+    ctx = _bounded_context(feasible, f"params <= {bound}, one ResNet first")
+    proxy = make_proxy("supernet", steps=6, eval_items=8, short_steps=0, split=["down[0].resnets"])
+    proxy.fit(ctx)
+    assert len(trained) == 6 and all(map(feasible, trained))
+    assert len(set(map(arch_key, trained))) > 1
+    outside = next(a for a in (ctx.space.sample(random.Random(i)) for i in range(100)) if a.down[0].resnets == 2)
+    score = proxy(outside, ctx)
+    assert score.details["group_trained"] is False
+    alone = evaluate(proxy._build(ctx, outside), replace(ctx, eval_items=8))["task_loss"]
+    assert score.score == pytest.approx(alone, rel=1e-6)
+    inside = next(a for a in (ctx.space.sample(random.Random(i)) for i in range(100)) if feasible(a))
+    assert proxy(inside, ctx).details["group_trained"] is True
+
+
+def test_the_bounds_name_the_cache_and_whole_space_training_keeps_the_old_one(tmp_path):
+    """Supernets trained under other bounds are other supernets (another cache folder); with no bounds, or
+    ``train_on: space``, the folder is the one runs made before bounds were honoured."""
+    folder = lambda ctx, **o: make_proxy("supernet", steps=6, **o).cache_folder(ctx)  # noqa: E731
+    none = _bounded_context(cache=tmp_path)
+    bounded = _bounded_context(lambda a: True, "params <= 1", cache=tmp_path)
+    other = _bounded_context(lambda a: True, "params <= 2", cache=tmp_path)
+    assert len({folder(none), folder(bounded), folder(other)}) == 3
+    assert folder(bounded, train_on="space") == folder(none)

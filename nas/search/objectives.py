@@ -90,8 +90,17 @@ class Evaluator:
         return self
 
     def prepare(self) -> Evaluator:
-        """The one-time work: predictors (measuring a profile if asked), data, teacher, reference values."""
+        """The one-time work: predictors (measuring a profile if asked), reference values, data, teacher, the
+        quality proxies' one-time work. The cost bounds come first: a proxy's one-time work is spent on the archs
+        that meet them (:meth:`feasible`)."""
         self.check()
+        for obj in self.exp.objectives:
+            if obj.kind == "latency":
+                self._predictors[obj.name] = self._predictor(obj)
+        for c in self.exp.constraints:
+            if c.of and c.of not in self._reference_values:
+                ref = load_arch(c.of) if Path(c.of).exists() else get_arch(c.of)
+                self._reference_values[c.of] = self.objectives(ref, cheap_only=True)
         for obj in self.exp.objectives:
             if obj.kind == "quality":
                 ctx = self._quality_context()
@@ -101,19 +110,26 @@ class Evaluator:
                     if hasattr(proxy, "log"):
                         proxy.log = self.log
                     proxy.fit(ctx)  # done by one process of the machine while the others wait for it
-            elif obj.kind == "latency":
-                self._predictors[obj.name] = self._predictor(obj)
         if self.exp.refine is not None:
             ctx = self._quality_context()
             proxy = self._refine_proxy = self._make_refine_proxy()
             if hasattr(proxy, "fit"):
                 self.log(f"refine: one-time work of the {proxy.name} proxy (cached, resumable)")
                 proxy.fit(ctx)
-        for c in self.exp.constraints:
-            if c.of and c.of not in self._reference_values:
-                ref = load_arch(c.of) if Path(c.of).exists() else get_arch(c.of)
-                self._reference_values[c.of] = self.objectives(ref, cheap_only=True)
         return self
+
+    def cost_bounds(self) -> dict[str, float]:
+        """Each constraint on a cheap objective (parameters, MACs, latency) as ``label -> bound`` in the objective's
+        units (after the predictors and reference values are prepared)."""
+        kinds = {o.name: o.kind for o in self.exp.objectives}
+        return {c.label: c.max if c.max is not None else c.max_ratio * self._reference_values[c.of][c.objective]
+                for c in self.exp.constraints if kinds[c.objective] != "quality"}
+
+    def feasible(self, arch: UNetArch) -> bool:
+        """Whether ``arch`` meets every constraint known before a quality proxy runs: the archs a search can pick,
+        and the ones a proxy's one-time work is spent on (the supernet trains on them alone)."""
+        values = self.objectives(arch, cheap_only=True)
+        return all(v <= 0 for v in self.constraint_values_partial(values).values())
 
     def _make_proxy(self, obj: Objective) -> Any:
         from proxies.quality import make_proxy
@@ -169,6 +185,10 @@ class Evaluator:
                              cache_dir=self.exp.run_dir, batch_size=q.batch_size, micro_batch=q.micro_batch,
                              eval_items=q.eval_items, eval_timesteps=q.eval_timesteps,
                              gradient_checkpointing=q.gradient_checkpointing, mixed_precision=q.mixed_precision)
+        bounds = self.cost_bounds()
+        if bounds:  # the bounds' values name the cache of one-time work done under them
+            ctx.feasible = self.feasible
+            ctx.feasible_label = ", ".join(f"{label} ({bound:.6g})" for label, bound in bounds.items())
         if self.exp.teacher is not None:
             ctx.teacher = self._teacher(ctx)
         self._ctx = ctx

@@ -57,6 +57,13 @@ class QualityContext:
     cache_dir: Path | None = None
     new_modules: str = "fresh"
     mixed_precision: str = "no"
+    # The archs the search can pick: those meeting the experiment's constraints that are known before a quality
+    # proxy runs (parameters, MACs, latency). A proxy's one-time work is spent on them (the supernet trains on them
+    # alone: in the DeciDiffusion experiments 40-90% of the space's archs break a cost bound, and weights trained
+    # for them would serve no trial that can win). ``feasible_label`` says which bounds these are, so that a cache
+    # made under other bounds is not reused. None: every arch of the space.
+    feasible: Callable[[UNetArch], bool] | None = field(default=None, repr=False, compare=False)
+    feasible_label: str = ""
     # the teacher's outputs on the fixed evaluation grid, the same for every arch: see :func:`evaluate`
     teacher_outputs: dict = field(default_factory=dict, repr=False, compare=False)
 

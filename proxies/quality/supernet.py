@@ -10,7 +10,11 @@ student is. Training draws one arch per step, the groups in turn and the arch un
 is built, inherits the teacher's weights and then uses the supernet's own tensors for every parameter the supernet
 holds with the same shape (the module map of weight inheritance), so the step trains the shared weights with the
 ground-truth protocol's loss and schedule (BK-SDM distillation from the teacher, AdamW, cosine with warm-up). What
-the supernet cannot hold stays as inheritance left it, in training and in scoring alike. With a ``cache_dir`` in the
+the supernet cannot hold stays as inheritance left it, in training and in scoring alike. With ``train_on: feasible``
+(the default) and cost bounds in the context (a search passes its experiment's), only archs meeting them are drawn
+and groups with none of them are not trained: the search can pick no other arch, and in the DeciDiffusion
+experiments 58% (v1) and 91% (v2) of uniform draws break a bound; an arch of an untrained group is scored on the
+teacher's weights as inheritance gives them. With a ``cache_dir`` in the
 context the state (weights, optimiser, random generators) is written atomically every ``checkpoint_every`` steps, a
 file lock makes the processes of one machine do the work once, and a killed run resumes from its last checkpoint to
 the same weights bit for bit.
@@ -52,6 +56,8 @@ from .train import backward_batch, lr_factor, paired_stages, train
 AUTO_DAMAGE = 0.1  # split: auto splits on ResNet counts whose removal raises the inherited loss >= 10.5%
 GROUP_STEPS = 500  # ... while every group keeps this many training steps (8 groups of 250 ranked digits worse)
 POOL = 1024  # archs sampled (or enumerated) once to find the groups and their largest archs
+TRAIN_ON = ("feasible", "space")
+MAX_TRIES = 1_000_000  # draws of the rejection sampler per training arch: the rarest trained group holds >= 1/POOL
 BUILT = 64  # sub-models kept built during training (they hold only what the supernet cannot share)
 
 
@@ -91,8 +97,10 @@ class Supernet(QualityProxy):
     def __init__(self, steps: int = 1000, lr: float = 1e-3, warmup: float = 0.1, split: str | list[str] = "auto",
                  eval_items: int = 64, checkpoint_every: int = 100, new_modules: str = "fresh",
                  max_groups: int | None = None, short_steps: int = 3, short_weight: float = 0.03,
-                 short_eval_items: int = 16, short_lr: float = 5e-4):
+                 short_eval_items: int = 16, short_lr: float = 5e-4, train_on: str = "feasible"):
         check_new_modules(new_modules)
+        if train_on not in TRAIN_ON:
+            raise ConfigError(f"must be one of {', '.join(TRAIN_ON)}, got {train_on!r}", field="train_on")
         if not _is_int(short_steps) or short_steps < 0:
             raise ConfigError(f"must be an integer >= 0, got {short_steps!r}", field="short_steps")
         if not isinstance(short_weight, int | float) or isinstance(short_weight, bool) or not short_weight >= 0 \
@@ -116,6 +124,7 @@ class Supernet(QualityProxy):
         self.options = {"steps": steps, "lr": float(lr), "warmup": float(warmup),
                         "split": split if split == "auto" else list(split),
                         "eval_items": eval_items, "new_modules": new_modules, "max_groups": max_groups}
+        self.train_on = train_on
         self.checkpoint_every = checkpoint_every
         # per trial, so not in the one-time work's cache digest
         self.short_steps, self.short_weight = short_steps, float(short_weight)
@@ -128,6 +137,7 @@ class Supernet(QualityProxy):
         self._split_idx: list[int] = []
         self.split_names: list[str] = []  # the decisions split on (``auto``: chosen by inheritance damage)
         self.split_damage: dict[str, float] = {}  # ``auto``: each ResNet-count decision's measured damage
+        self.feasible_share: dict[tuple, float] = {}  # group -> share of its sampled archs meeting the cost bounds
 
     # ---- groups ----------------------------------------------------------------------------------------------
 
@@ -218,6 +228,9 @@ class Supernet(QualityProxy):
         members: dict[tuple, list[UNetArch]] = {}
         for a in pool:
             members.setdefault(self.group_of(space, a), []).append(a)
+        accept = self._accept(ctx)
+        self.feasible_share = {key: 1.0 if accept is None else sum(map(accept, group)) / len(group)
+                               for key, group in members.items()}
         text_len = ctx.data.text.shape[1]
         largest = self._largest_code(space)
         out = {}
@@ -237,12 +250,19 @@ class Supernet(QualityProxy):
 
     # ---- one-time work ---------------------------------------------------------------------------------------
 
+    def _accept(self, ctx: QualityContext) -> Any:
+        """The predicate training draws must meet (None: every arch of the space)."""
+        return ctx.feasible if self.train_on == "feasible" else None
+
     def cache_folder(self, ctx: QualityContext) -> Path | None:
         if ctx.cache_dir is None:
             return None
-        # scoring does not change the supernets; an unset max_groups keeps the folders of runs made before it
+        # scoring does not change the supernets; an unset max_groups keeps the folders of runs made before it, and
+        # so does training on the whole space (no bounds, or train_on: space): it trains what they trained
         trained = {k: v for k, v in self.options.items()
                    if k != "eval_items" and not (k == "max_groups" and v is None)}
+        if self._accept(ctx) is not None:
+            trained["feasible"] = ctx.feasible_label
         digest = hashlib.sha1(json.dumps({**trained, "seed": ctx.seed}, sort_keys=True).encode())
         return Path(ctx.cache_dir) / "supernet" / f"{self.name}-{digest.hexdigest()[:8]}"
 
@@ -260,6 +280,13 @@ class Supernet(QualityProxy):
             split = self.split_names or "widths and layouts only"
             self.log(f"{self.name}: {len(self._groups)} group(s), split on {split}"
                      + (f" (inheritance damage, log loss: {damage})" if damage else ""))
+            if self._accept(ctx) is not None:
+                bounds = ctx.feasible_label or "the cost bounds"
+                share = sum(self.feasible_share.values()) / len(self.feasible_share)
+                trained = [k for k in self._groups if self.feasible_share[k] > 0]
+                self.log(f"{self.name}: training on the archs meeting {bounds} ({share:.0%} of the groups' sampled "
+                         f"archs; {len(trained)} of {len(self._groups)} group(s) hold some)" if trained else
+                         f"{self.name}: no sampled arch meets {bounds}; training on the whole space")
         folder = self.cache_folder(ctx)
         if folder is None:
             self._nets = self._train(ctx, None)
@@ -268,6 +295,12 @@ class Supernet(QualityProxy):
                 self._nets = self._train(ctx, folder / "state.pt")
         return self._nets
 
+    def trained_groups(self) -> list[tuple]:
+        """The groups that get training steps: those with a sampled arch meeting the bounds (every group when none
+        has one: then the bounds are not honoured, and the log says so)."""
+        keys = sorted(k for k in self._groups if self.feasible_share.get(k, 1.0) > 0)
+        return keys or sorted(self._groups)
+
     def _build(self, ctx: QualityContext, arch: UNetArch) -> nn.Module:
         model = ctx.build(arch)
         inherit_weights(model, ctx.teacher, new=self.options["new_modules"])
@@ -275,7 +308,8 @@ class Supernet(QualityProxy):
 
     def _train(self, ctx: QualityContext, state_path: Path | None) -> dict[tuple, nn.Module]:
         o = self.options
-        keys = sorted(self._groups)
+        keys = self.trained_groups()
+        accept = self._accept(ctx) if any(self.feasible_share.get(k, 1.0) > 0 for k in keys) else None
         nets = {k: self._build(ctx, self._groups[k]) for k in keys}
         params = [p for k in keys for p in nets[k].parameters()]
         opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=0.0)
@@ -297,7 +331,8 @@ class Supernet(QualityProxy):
         ctx.teacher.eval().requires_grad_(False)
         while step < o["steps"]:
             key = keys[step % len(keys)]
-            arch = space.sample(rng, accept=lambda a, key=key: self.group_of(space, a) == key)
+            arch = space.sample(rng, max_tries=MAX_TRIES, accept=lambda a, key=key: self.group_of(space, a) == key
+                                and (accept is None or accept(a)))
             if arch_key(arch) not in models:
                 model = self._build(ctx, arch)
                 share_weights(model, nets[key])
@@ -347,14 +382,16 @@ class Supernet(QualityProxy):
     def compute(self, arch: UNetArch, ctx: QualityContext, report: Report | None) -> tuple[float, dict[str, Any]]:
         nets = self.fit(ctx)
         key = self.group_of(ctx.space, arch)
-        if key not in nets:
+        if key not in self._groups:
             raise ConfigError(f"the arch falls in no supernet group ({key}); is it of the search space?",
                               field="arch")
         at = replace(ctx, eval_items=self.options["eval_items"])
         model = self._build(ctx, arch)
-        inherit_weights(model, nets[key])  # the shared weights: the same module map and shapes as in training
+        if key in nets:  # the shared weights: the same module map and shapes as in training
+            inherit_weights(model, nets[key])
+        # else no arch meeting the bounds falls in its group: untrained, that group's supernet is the teacher's weights
         loss = evaluate(model, at)["task_loss"]
-        details: dict[str, Any] = {"group": list(key), "shared_loss": loss}
+        details: dict[str, Any] = {"group": list(key), "group_trained": key in nets, "shared_loss": loss}
         if not (self.short_steps and self.short_weight):
             return loss, details
         # Why a short run as well: the ground truth is a few hundred steps from inheritance, so it still carries
