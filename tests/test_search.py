@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 from pathlib import Path
 
 import optuna
@@ -200,6 +201,26 @@ def test_quality_context_reaches_the_proxies(tmp_path):
     default = Evaluator(load_experiment(write(tmp_path, CHEAP.format(name="d", strategy="random", trials=2)
                                               + "data: digits\n", "d.yaml")))._quality_context()
     assert (default.batch_size, default.eval_items, default.mixed_precision) == (64, 256, "no")
+
+
+def test_the_proxies_context_carries_the_searchs_cost_bounds(tmp_path):
+    """A proxy's one-time work is spent on the archs the search can pick: the context's ``feasible`` is the
+    experiment's cost constraints (a ratio of a reference arch included), and its label names their bounds."""
+    ev = Evaluator(load_experiment(write(tmp_path, CHEAP.format(name="b", strategy="random", trials=2)
+                                         + "data: digits\n")))
+    ctx = ev._quality_context()
+    macs_bound = 0.9 * ev.reference_values["digits"]["macs"]
+    assert ctx.feasible_label == f"params_le_350000 (350000), macs_le_0.9x_digits ({macs_bound:.6g})"
+    archs = [ev.space.sample(random.Random(i)) for i in range(40)]
+    verdicts = [ctx.feasible(a) for a in archs]
+    assert verdicts == [all(v <= 0 for v in ev.constraint_values(ev.objectives(a, cheap_only=True)).values())
+                        for a in archs]
+    assert 0 < sum(verdicts) < len(archs)
+    unbounded = CHEAP.format(name="u", strategy="random", trials=2).replace(
+        "constraints:\n  - {objective: params, max: 350000}\n  - {objective: macs, max_ratio: 0.9, of: digits}\n",
+        "") + "data: digits\n"
+    assert "constraints" not in unbounded
+    assert Evaluator(load_experiment(write(tmp_path, unbounded, "u.yaml")))._quality_context().feasible is None
 
 
 def test_shipped_experiments_validate():

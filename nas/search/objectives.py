@@ -94,13 +94,7 @@ class Evaluator:
         quality proxies' one-time work. The cost bounds come first: a proxy's one-time work is spent on the archs
         that meet them (:meth:`feasible`)."""
         self.check()
-        for obj in self.exp.objectives:
-            if obj.kind == "latency":
-                self._predictors[obj.name] = self._predictor(obj)
-        for c in self.exp.constraints:
-            if c.of and c.of not in self._reference_values:
-                ref = load_arch(c.of) if Path(c.of).exists() else get_arch(c.of)
-                self._reference_values[c.of] = self.objectives(ref, cheap_only=True)
+        self._prepare_costs()
         for obj in self.exp.objectives:
             if obj.kind == "quality":
                 ctx = self._quality_context()
@@ -118,9 +112,20 @@ class Evaluator:
                 proxy.fit(ctx)
         return self
 
+    def _prepare_costs(self) -> None:
+        """The latency predictors (measuring a profile if asked) and the reference archs' cost values."""
+        for obj in self.exp.objectives:
+            if obj.kind == "latency" and obj.name not in self._predictors:
+                self._predictors[obj.name] = self._predictor(obj)
+        for c in self.exp.constraints:
+            if c.of and c.of not in self._reference_values:
+                ref = load_arch(c.of) if Path(c.of).exists() else get_arch(c.of)
+                self._reference_values[c.of] = self.objectives(ref, cheap_only=True)
+
     def cost_bounds(self) -> dict[str, float]:
         """Each constraint on a cheap objective (parameters, MACs, latency) as ``label -> bound`` in the objective's
-        units (after the predictors and reference values are prepared)."""
+        units."""
+        self._prepare_costs()
         kinds = {o.name: o.kind for o in self.exp.objectives}
         return {c.label: c.max if c.max is not None else c.max_ratio * self._reference_values[c.of][c.objective]
                 for c in self.exp.constraints if kinds[c.objective] != "quality"}
