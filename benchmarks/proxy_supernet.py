@@ -30,7 +30,8 @@ report gives that validity tau and repeat noise in place of the source run's.
 ``--feasible-share F`` trains the supernets under a cost bound, as a search passes its experiment's constraints to
 the proxy: MACs at most the ``F`` quantile of the table space's, so that a share ``F`` of the table meets it. The
 report ranks the table archs that meet it (the ones a search could pick) with those supernets and with the
-unbounded ones of the same seed (``bounded_training``).
+unbounded ones of the same seed (``bounded_training``). Rows named ``feasible<F>-equal`` were made by the proxy's
+first bounded schedule (all ``steps`` on those archs, the groups in turn), before each group kept only its share.
 
 ``--part short`` runs only the per-trial short run (:meth:`Supernet.short_run`) on every table arch; the report
 combines it with a shared-weights-only ``--part run`` configuration of the same seed (the supernets are
@@ -277,8 +278,10 @@ def bounded_training(proxies: dict, truth: np.ndarray) -> dict:
             continue
         meets = np.array(row["feasible_of_arch"])
         tau = lambda v, meets=meets: float(kendalltau(np.array(v)[meets], truth[meets]).statistic)  # noqa: E731
-        entry = out.setdefault(f"{row['feasible_share']:g}", {
-            "n_feasible": int(meets.sum()), "feasible_macs_bound": row["feasible_macs_bound"],
+        entry = out.setdefault(key.rsplit("/", 1)[1], {
+            "feasible_share": row["feasible_share"], "n_feasible": int(meets.sum()),
+            "feasible_macs_bound": row["feasible_macs_bound"], "schedule": row.get("bounded_schedule"),
+            "arch_steps": row.get("arch_steps"), "steps": row["steps"],
             "trained_groups": row.get("trained_groups"), "groups": base["groups"], "per_seed": {}})
         entry["per_seed"][str(row["supernet_seed"])] = {
             "config": key, "kendall_tau_bounded": tau(row["values"]), "kendall_tau_unbounded": tau(base["values"]),
@@ -338,8 +341,9 @@ def run(args, results: dict) -> None:
            "shared_values": [s.details["shared_loss"] for s in scores],
            "short_values": [s.details.get("short_loss") for s in scores],
            "baseline_seconds": float(np.median(base)), "baseline_seconds_all": base,
-           **bounded, **({"trained_groups": len(nets), "group_feasible_share": {
-               str(list(k)): v for k, v in proxy.feasible_share.items()}} if bounded else {})}
+           **bounded, **({"trained_groups": len(nets), "arch_steps": len(proxy.schedule()),
+                          "bounded_schedule": "proportional", "group_feasible_share": {
+                              str(list(k)): v for k, v in proxy.feasible_share.items()}} if bounded else {})}
     store_row(args.work / "configs.json", config, row)
     print(f"{config}: {row['seconds_per_arch']:.1f}s per arch", flush=True)
 
@@ -456,8 +460,8 @@ def report(args, results: dict) -> None:
                               v["cost_fraction_of_ground_truth"] <= 0.10 for v in rows)}
     for name, row in out["proxies"].items():
         print(f"{name:>45}: tau {row['kendall_tau']:.3f}  cost {row['cost_fraction_of_ground_truth']:.1%}")
-    for share, row in out.get("bounded_training", {}).items():
-        print(f"bounded training, {row['n_feasible']} of {len(truth)} archs meet the bound ({share}): tau "
+    for variant, row in out.get("bounded_training", {}).items():
+        print(f"bounded training, {row['n_feasible']} of {len(truth)} archs meet the bound ({variant}): tau "
               f"{row['kendall_tau_bounded_mean']:.3f} bounded vs {row['kendall_tau_unbounded_mean']:.3f} unbounded "
               f"(mean over {row['seeds']} seeds; paired difference {row['difference_mean']:+.3f})")
     for label in ("supernet_default", "supernet_auto"):

@@ -314,9 +314,13 @@ def test_training_draws_only_archs_meeting_the_cost_bounds(monkeypatch):
     real = supernet.backward_batch
     monkeypatch.setattr(supernet, "backward_batch", lambda model, *a: trained.append(model.arch) or real(model, *a))
     ctx = _bounded_context(feasible, f"params <= {bound}, one ResNet first")
-    proxy = make_proxy("supernet", steps=6, eval_items=8, short_steps=0, split=["down[0].resnets"])
+    proxy = make_proxy("supernet", steps=12, eval_items=8, short_steps=0, split=["down[0].resnets"])
     proxy.fit(ctx)
-    assert len(trained) == 6 and all(map(feasible, trained))
+    shares = {key: (proxy._groups[key].down[0].resnets, share) for key, share in proxy.feasible_share.items()}
+    assert all(share == 0 for resnets, share in shares.values() if resnets == 2)
+    assert any(0 < share < 1 for resnets, share in shares.values() if resnets == 1)
+    expected = sum(max(1, round(12 / len(shares) * share)) for _, share in shares.values() if share > 0)
+    assert len(trained) == len(proxy.schedule()) == expected < 12 and all(map(feasible, trained))
     assert len(set(map(arch_key, trained))) > 1
     outside = next(a for a in (ctx.space.sample(random.Random(i)) for i in range(100)) if a.down[0].resnets == 2)
     score = proxy(outside, ctx)
@@ -336,3 +340,16 @@ def test_the_bounds_name_the_cache_and_whole_space_training_keeps_the_old_one(tm
     other = _bounded_context(lambda a: True, "params <= 2", cache=tmp_path)
     assert len({folder(none), folder(bounded), folder(other)}) == 3
     assert folder(bounded, train_on="space") == folder(none)
+
+
+def test_under_bounds_each_group_keeps_its_steps_share_of_the_archs_meeting_them():
+    """An arch meeting the bounds is drawn as often as on the whole space: each group's steps scale by the share of
+    its archs meeting them, interleaved so that every group sees the whole learning-rate schedule."""
+    proxy = make_proxy("supernet", steps=16)
+    proxy._groups = {(0,): None, (1,): None, (2,): None, (3,): None}
+    proxy.feasible_share = {(0,): 1.0, (1,): 1.0, (2,): 1.0, (3,): 1.0}
+    assert proxy.schedule() == [(0,), (1,), (2,), (3,)] * 4  # no bounds: the groups in turn, all the steps
+    proxy.feasible_share = {(0,): 1.0, (1,): 0.5, (2,): 0.25, (3,): 0.0}
+    plan = proxy.schedule()
+    assert [plan.count((k,)) for k in range(4)] == [4, 2, 1, 0]
+    assert (1,) in plan[:4] and (1,) in plan[4:]  # spread over the schedule, not bunched

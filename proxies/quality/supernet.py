@@ -11,10 +11,12 @@ is built, inherits the teacher's weights and then uses the supernet's own tensor
 holds with the same shape (the module map of weight inheritance), so the step trains the shared weights with the
 ground-truth protocol's loss and schedule (BK-SDM distillation from the teacher, AdamW, cosine with warm-up). What
 the supernet cannot hold stays as inheritance left it, in training and in scoring alike. With ``train_on: feasible``
-(the default) and cost bounds in the context (a search passes its experiment's), only archs meeting them are drawn
-and groups with none of them are not trained: the search can pick no other arch, and in the DeciDiffusion
-experiments 58% (v1) and 91% (v2) of uniform draws break a bound; an arch of an untrained group is scored on the
-teacher's weights as inheritance gives them. With a ``cache_dir`` in the
+(the default) and cost bounds in the context (a search passes its experiment's), only archs meeting them are drawn,
+and each group keeps the share of its steps that falls on them (:meth:`Supernet.schedule`): every arch the search
+can pick gets the training it would have had on the whole space, and the rest is not done (in the DeciDiffusion
+experiments 58% (v1) and 91% (v2) of uniform draws break a bound). Training those archs for all ``steps`` instead
+overtrains the groups with few of them and ranked worse (README, "Few-shot supernets"). An arch of a group with none
+of them is scored on the teacher's weights as inheritance gives them. With a ``cache_dir`` in the
 context the state (weights, optimiser, random generators) is written atomically every ``checkpoint_every`` steps, a
 file lock makes the processes of one machine do the work once, and a killed run resumes from its last checkpoint to
 the same weights bit for bit.
@@ -282,10 +284,10 @@ class Supernet(QualityProxy):
                      + (f" (inheritance damage, log loss: {damage})" if damage else ""))
             if self._accept(ctx) is not None:
                 bounds = ctx.feasible_label or "the cost bounds"
-                share = sum(self.feasible_share.values()) / len(self.feasible_share)
                 trained = [k for k in self._groups if self.feasible_share[k] > 0]
-                self.log(f"{self.name}: training on the archs meeting {bounds} ({share:.0%} of the groups' sampled "
-                         f"archs; {len(trained)} of {len(self._groups)} group(s) hold some)" if trained else
+                self.log(f"{self.name}: training on the archs meeting {bounds} ({len(trained)} of "
+                         f"{len(self._groups)} group(s) hold some): {len(self.schedule())} of "
+                         f"{self.options['steps']} arch-steps" if trained else
                          f"{self.name}: no sampled arch meets {bounds}; training on the whole space")
         folder = self.cache_folder(ctx)
         if folder is None:
@@ -301,6 +303,25 @@ class Supernet(QualityProxy):
         keys = sorted(k for k in self._groups if self.feasible_share.get(k, 1.0) > 0)
         return keys or sorted(self._groups)
 
+    def schedule(self) -> list[tuple]:
+        """The group of each training step. On the whole space, ``steps`` in all, the groups in turn. Under cost
+        bounds, each group's share of ``steps`` times the share of its archs meeting them (at least one step), so
+        that an arch meeting them is drawn as often as on the whole space; the groups interleaved in proportion
+        (smooth weighted round robin), so that every group sees the whole learning-rate schedule."""
+        keys, steps = self.trained_groups(), self.options["steps"]
+        if all(self.feasible_share.get(k, 1.0) >= 1.0 for k in keys) or not any(
+                self.feasible_share.get(k, 1.0) > 0 for k in keys):
+            return [keys[i % len(keys)] for i in range(steps)]
+        quota = {k: max(1, round(steps / len(self._groups) * self.feasible_share[k])) for k in keys}
+        total = sum(quota.values())
+        done = dict.fromkeys(keys, 0)
+        out = []
+        for i in range(total):
+            key = max(keys, key=lambda k: quota[k] * (i + 1) / total - done[k])
+            done[key] += 1
+            out.append(key)
+        return out
+
     def _build(self, ctx: QualityContext, arch: UNetArch) -> nn.Module:
         model = ctx.build(arch)
         inherit_weights(model, ctx.teacher, new=self.options["new_modules"])
@@ -310,10 +331,11 @@ class Supernet(QualityProxy):
         o = self.options
         keys = self.trained_groups()
         accept = self._accept(ctx) if any(self.feasible_share.get(k, 1.0) > 0 for k in keys) else None
+        plan = self.schedule()
         nets = {k: self._build(ctx, self._groups[k]) for k in keys}
         params = [p for k in keys for p in nets[k].parameters()]
         opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, o["steps"], "cosine", o["warmup"]))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, len(plan), "cosine", o["warmup"]))
         rng = random.Random(ctx.seed)
         gen = torch.Generator().manual_seed(ctx.seed)
         step = 0
@@ -329,8 +351,8 @@ class Supernet(QualityProxy):
         space = ctx.space
         models: OrderedDict[str, tuple[nn.Module, list]] = OrderedDict()
         ctx.teacher.eval().requires_grad_(False)
-        while step < o["steps"]:
-            key = keys[step % len(keys)]
+        while step < len(plan):
+            key = plan[step]
             arch = space.sample(rng, max_tries=MAX_TRIES, accept=lambda a, key=key: self.group_of(space, a) == key
                                 and (accept is None or accept(a)))
             if arch_key(arch) not in models:
@@ -352,11 +374,11 @@ class Supernet(QualityProxy):
             if not torch.isfinite(torch.tensor(total)):
                 raise FloatingPointError(f"supernet training loss became {total} at step {step + 1}")
             step += 1
-            if step % self.checkpoint_every == 0 or step == o["steps"]:
+            if step % self.checkpoint_every == 0 or step == len(plan):
                 if state_path is not None:
                     self._save(state_path, nets, opt, sched, rng, gen, step)
                 if self.log is not None:
-                    self.log(f"{self.name}: {len(nets)} supernet(s), step {step}/{o['steps']}, loss {total:.4f}")
+                    self.log(f"{self.name}: {len(nets)} supernet(s), step {step}/{len(plan)}, loss {total:.4f}")
         for net in nets.values():
             net.eval().requires_grad_(False)
         return nets
