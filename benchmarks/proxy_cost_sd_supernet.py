@@ -21,12 +21,18 @@ composes the rest:
   said so, when the folder lacks room for it (a run needs twice that: the next checkpoint is written beside the
   last before it replaces it).
 
-One-time = groups + setup + steps x step + (steps / checkpoint_every) x checkpoint; a search of N trials costs
-one-time + N x per-trial.
+The experiment's cost constraints are the proxy's bounds, as in its search (``train_on: feasible``): the groups
+are found with them, each trains for its share of the steps that falls on archs meeting them (``arch_steps``, of
+the experiment's ``steps``), and the timed training draws those archs (smaller than the space's average, so cheaper
+per step), for about ``--supernet-steps`` steps.
+
+One-time = groups + setup + arch_steps x step + (arch_steps / checkpoint_every) x checkpoint; a search of N trials
+costs one-time + N x per-trial.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import time
@@ -38,10 +44,20 @@ import torch
 from common import peak_gib, sync
 
 from nas.experiment import load_experiment
-from nas.search.objectives import load_space
+from nas.search.objectives import Evaluator, load_space
 from proxies.cost import arch_costs
 from proxies.quality.supernet import Supernet
 from search_spaces import ConfigError, UNetArch, get_arch
+
+
+def cost_bounds(path: str | Path) -> tuple[Any, str]:
+    """(predicate, label) of the experiment's cost constraints, as its search hands them to the proxy; (None, "")
+    without any. Needs no data or teacher: parameters, MACs and the latency predictors only."""
+    evaluator = Evaluator(load_experiment(path))
+    bounds = evaluator.cost_bounds()
+    if not bounds:
+        return None, ""
+    return evaluator.feasible, ", ".join(f"{label} ({bound:.6g})" for label, bound in bounds.items())
 
 
 def supernet_objective(path: str | Path, teacher_arch: UNetArch) -> tuple[dict[str, Any], Any, str]:
@@ -104,8 +120,9 @@ def time_supernet(experiment: str | Path, ctx: Any, teacher_arch: UNetArch, stud
     options, space, name = supernet_objective(experiment, teacher_arch)
     text_len = ctx.data.text.shape[1]
     arch, arch_note = space_member(space, student_arch, text_len)
-    ctx = replace(ctx, space=space, cache_dir=None)
-    out: dict[str, Any] = {"experiment": str(experiment), "objective": name, "options": options,
+    feasible, label = cost_bounds(experiment)
+    ctx = replace(ctx, space=space, cache_dir=None, feasible=feasible, feasible_label=label)
+    out: dict[str, Any] = {"experiment": str(experiment), "objective": name, "options": options, "bounds": label,
                            "timed_steps": steps, "trial_arch": arch.to_dict(), "trial_arch_note": arch_note,
                            "trial_arch_params": arch_costs(arch, batch=1, text_len=text_len).params}
     try:
@@ -130,6 +147,8 @@ def _measure(out: dict[str, Any], options: dict[str, Any], ctx: Any, arch: UNetA
     out["split_damage"] = finder.split_damage
     out["groups"] = [{"key": list(k), "params": arch_costs(a, batch=1, text_len=text_len).params}
                      for k, a in groups.items()]
+    out["feasible_share_by_group"] = {str(list(k)): v for k, v in finder.feasible_share.items()}
+    out["arch_steps"] = len(finder.schedule())  # of the experiment's steps: those on archs meeting the bounds
     supernet_params = sum(g["params"] for g in out["groups"])
     out["supernet_params"] = supernet_params
     # fp32 weights and AdamW's two moments: what a checkpoint holds (and the GPU beside one group's gradients)
@@ -138,7 +157,9 @@ def _measure(out: dict[str, Any], options: dict[str, Any], ctx: Any, arch: UNetA
           f"{supernet_params / 1e9:.2f}B parameters in supernets", flush=True)
 
     every = max(1, steps // 4)
-    timing = {**options, "steps": steps, "split": finder.split_names, "checkpoint_every": every}
+    # the option that makes the bounded schedule about ``steps`` long (the schedule keeps each group's share)
+    scaled = math.ceil(steps * finder.options["steps"] / out["arch_steps"])
+    timing = {**options, "steps": scaled, "split": finder.split_names, "checkpoint_every": every}
     proxy, stamps = _train_timed(timing, ctx, autocast, device)
     out["train_peak_gib"] = peak_gib(device)
     marks = stamps.steps()
@@ -202,7 +223,7 @@ def compose(out: dict[str, Any], trials: int, gt_run_s: float, amortise_over: in
     if "per_trial_s" not in out:
         return None
     proxy = Supernet(**out["options"])  # the experiment's options over the proxy's own defaults
-    total_steps = proxy.options["steps"]
+    total_steps = out.get("arch_steps", proxy.options["steps"])
     saves = total_steps // proxy.checkpoint_every
     save_s = out.get("checkpoint_save_s")
     one_time = out["groups_s"] + out["setup_s"] + total_steps * out["step_s"] + saves * (save_s or 0.0)

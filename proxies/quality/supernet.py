@@ -248,6 +248,7 @@ class Supernet(QualityProxy):
             if not ok:
                 big = max(members[key], key=lambda a: arch_costs(a, batch=1, text_len=text_len).params)
             out[key] = big
+        self._groups = out  # what :meth:`schedule` divides the steps among
         return out
 
     # ---- one-time work ---------------------------------------------------------------------------------------
