@@ -21,10 +21,10 @@ composes the rest:
   said so, when the folder lacks room for it (a run needs twice that: the next checkpoint is written beside the
   last before it replaces it).
 
-The experiment's cost constraints are the proxy's bounds, as in its search (``train_on: feasible``): the groups
-are found with them, each trains for its share of the steps that falls on archs meeting them (``arch_steps``, of
-the experiment's ``steps``), and the timed training draws those archs (smaller than the space's average, so cheaper
-per step), for about ``--supernet-steps`` steps.
+The experiment's cost constraints reach the proxy as in its search. With ``train_on: feasible`` the groups train
+for their share of the steps that falls on archs meeting them (``arch_steps``, of the experiment's ``steps``) and
+the timed training draws those archs (smaller than the space's average, so cheaper per step), for about
+``--supernet-steps`` steps; with the default (``space``), ``arch_steps`` is ``steps``.
 
 One-time = groups + setup + arch_steps x step + (arch_steps / checkpoint_every) x checkpoint; a search of N trials
 costs one-time + N x per-trial.

@@ -176,12 +176,13 @@ def test_bad_option_in_experiment_file_is_file_line_field_and_exit_2(tmp_path, o
 
 
 def test_a_search_with_two_workers_trains_the_supernets_once(tmp_path):
-    """``proxy: supernet`` in a search with two local workers: one process does the one-time work, both score."""
+    """``proxy: supernet`` in a search with two local workers: one process does the one-time work, both score; with
+    ``train_on: feasible`` the search hands the proxy its experiment's cost bounds."""
     exp = tmp_path / "exp.yaml"
     exp.write_text("name: sn\nspace: digits\ndata: digits\nseed: 1\nteacher: {arch: digits, train_steps: 2}\n"
                    "objectives:\n  - {name: params, kind: params}\n"
                    "  - {name: quality, kind: quality, proxy: supernet,\n"
-                   "     options: {steps: 8, eval_items: 8, split: ['down[0].resnets']}}\n"
+                   "     options: {steps: 8, eval_items: 8, split: ['down[0].resnets'], train_on: feasible}}\n"
                    "quality_context: {batch_size: 8, eval_items: 8}\n"
                    "constraints:\n  - {objective: params, max: 400000}\n"
                    f"budget: {{trials: 4}}\noutput_dir: {tmp_path / 'runs'}\n")
@@ -189,9 +190,9 @@ def test_a_search_with_two_workers_trains_the_supernets_once(tmp_path):
     assert res.exit_code == 0, res.output
     run = tmp_path / "runs" / "sn"
     states = list(run.glob("supernet/*/state.pt"))
-    assert len(states) == 1 and torch.load(states[0], weights_only=True)["step"] == 8
+    step = torch.load(states[0], weights_only=True)["step"]
+    assert len(states) == 1 and 0 < step < 8  # train_on: feasible, the experiment's bound: its share of the steps
     assert "one-time work of the supernet8 proxy" in res.output
-    assert "training on the archs meeting params_le_400000 (400000)" in " ".join(res.output.split())
     study = optuna.load_study(study_name="sn", storage=f"sqlite:///{run / 'study.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 4 and len({t.values[1] for t in done}) > 1
@@ -299,8 +300,9 @@ def _bounded_context(feasible=None, label: str = "", cache=None):
 
 
 def test_training_draws_only_archs_meeting_the_cost_bounds(monkeypatch):
-    """With bounds in the context, every training step is on an arch meeting them; a group none of whose archs
-    meets them gets no steps, and its archs are scored on the teacher's weights as inheritance gives them."""
+    """``train_on: feasible``: with bounds in the context, every training step is on an arch meeting them; a group
+    none of whose archs meets them gets no steps, and its archs are scored on the teacher's weights as inheritance
+    gives them."""
     from dataclasses import replace
 
     import proxies.quality.supernet as supernet
@@ -314,13 +316,18 @@ def test_training_draws_only_archs_meeting_the_cost_bounds(monkeypatch):
     real = supernet.backward_batch
     monkeypatch.setattr(supernet, "backward_batch", lambda model, *a: trained.append(model.arch) or real(model, *a))
     ctx = _bounded_context(feasible, f"params <= {bound}, one ResNet first")
-    proxy = make_proxy("supernet", steps=12, eval_items=8, short_steps=0, split=["down[0].resnets"])
+    proxy = make_proxy("supernet", steps=12, eval_items=8, short_steps=0, split=["down[0].resnets"],
+                       train_on="feasible")
+    lines = []
+    proxy.log = lines.append
     proxy.fit(ctx)
     shares = {key: (proxy._groups[key].down[0].resnets, share) for key, share in proxy.feasible_share.items()}
     assert all(share == 0 for resnets, share in shares.values() if resnets == 2)
     assert any(0 < share < 1 for resnets, share in shares.values() if resnets == 1)
     expected = sum(max(1, round(12 / len(shares) * share)) for _, share in shares.values() if share > 0)
     assert len(trained) == len(proxy.schedule()) == expected < 12 and all(map(feasible, trained))
+    assert f"training on the archs meeting params <= {bound}, one ResNet first" in lines[1]
+    assert f": {expected} of 12 arch-steps" in lines[1]
     assert len(set(map(arch_key, trained))) > 1
     outside = next(a for a in (ctx.space.sample(random.Random(i)) for i in range(100)) if a.down[0].resnets == 2)
     score = proxy(outside, ctx)
@@ -333,19 +340,20 @@ def test_training_draws_only_archs_meeting_the_cost_bounds(monkeypatch):
 
 def test_the_bounds_name_the_cache_and_whole_space_training_keeps_the_old_one(tmp_path):
     """Supernets trained under other bounds are other supernets (another cache folder); with no bounds, or
-    ``train_on: space``, the folder is the one runs made before bounds were honoured."""
-    folder = lambda ctx, **o: make_proxy("supernet", steps=6, **o).cache_folder(ctx)  # noqa: E731
+    ``train_on: space`` (the default), the folder is the one runs made before the option existed."""
+    folder = lambda ctx, train_on="feasible": make_proxy(  # noqa: E731
+        "supernet", steps=6, train_on=train_on).cache_folder(ctx)
     none = _bounded_context(cache=tmp_path)
     bounded = _bounded_context(lambda a: True, "params <= 1", cache=tmp_path)
     other = _bounded_context(lambda a: True, "params <= 2", cache=tmp_path)
     assert len({folder(none), folder(bounded), folder(other)}) == 3
-    assert folder(bounded, train_on="space") == folder(none)
+    assert folder(bounded, train_on="space") == folder(none) == make_proxy("supernet", steps=6).cache_folder(bounded)
 
 
 def test_under_bounds_each_group_keeps_its_steps_share_of_the_archs_meeting_them():
     """An arch meeting the bounds is drawn as often as on the whole space: each group's steps scale by the share of
     its archs meeting them, interleaved so that every group sees the whole learning-rate schedule."""
-    proxy = make_proxy("supernet", steps=16)
+    proxy = make_proxy("supernet", steps=16, train_on="feasible")
     proxy._groups = {(0,): None, (1,): None, (2,): None, (3,): None}
     proxy.feasible_share = {(0,): 1.0, (1,): 1.0, (2,): 1.0, (3,): 1.0}
     assert proxy.schedule() == [(0,), (1,), (2,), (3,)] * 4  # no bounds: the groups in turn, all the steps

@@ -58,10 +58,9 @@ class QualityContext:
     new_modules: str = "fresh"
     mixed_precision: str = "no"
     # The archs the search can pick: those meeting the experiment's constraints that are known before a quality
-    # proxy runs (parameters, MACs, latency). A proxy's one-time work is spent on them (the supernet trains on them
-    # alone: in the DeciDiffusion experiments 40-90% of the space's archs break a cost bound, and weights trained
-    # for them would serve no trial that can win). ``feasible_label`` says which bounds these are, so that a cache
-    # made under other bounds is not reused. None: every arch of the space.
+    # proxy runs (parameters, MACs, latency). A proxy may spend its one-time work on them alone (the supernet's
+    # ``train_on: feasible``; not its default, which ranks better). ``feasible_label`` says which bounds these are,
+    # so that a cache made under other bounds is not reused. None: every arch of the space.
     feasible: Callable[[UNetArch], bool] | None = field(default=None, repr=False, compare=False)
     feasible_label: str = ""
     # the teacher's outputs on the fixed evaluation grid, the same for every arch: see :func:`evaluate`
