@@ -319,7 +319,7 @@ def run(args, results: dict) -> None:
                    "feasible_of_arch": [bool(meets(a)) for a in archs]}
     proxy = make_proxy("supernet", steps=args.steps, lr=args.lr, split=split_of(name, args.split),
                        short_steps=args.short_steps, short_weight=args.short_weight,
-                       short_eval_items=args.short_eval_items)
+                       short_eval_items=args.short_eval_items, train_on="feasible" if bounded else "space")
     items = proxy.short_eval_items
     config = f"{args.split}/{args.steps}/lr{args.lr:g}/seed{args.supernet_seed}" + (
         f"/short{args.short_steps}x{args.short_weight:g}" + (f"i{items}" if items != SHORT_EVAL_ITEMS else "")
