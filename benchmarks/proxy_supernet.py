@@ -265,10 +265,22 @@ def macs_bound(space: SearchSpace, share: float, text_len: int) -> float:
     return float(np.quantile(macs, share, method="inverted_cdf"))
 
 
-def bounded_training(proxies: dict, truth: np.ndarray) -> dict:
+def subset_ceiling(losses: np.ndarray, sigma: float | None, draws: int = 2000) -> float | None:
+    """The tau two repeats of the ground truth would reach on these archs, with its measured per-run noise of log
+    loss (as ``noise_figures`` computes it for the whole table): what any proxy can reach on them."""
+    if sigma is None:
+        return None
+    rng, logs = np.random.default_rng(0), np.log(losses)
+    return float(np.mean([kendalltau(logs + rng.normal(0, sigma, len(logs)),
+                                     logs + rng.normal(0, sigma, len(logs))).statistic for _ in range(draws)]))
+
+
+def bounded_training(proxies: dict, truth: np.ndarray, others: dict, sigma: float | None) -> dict:
     """Supernets trained under a cost bound against the unbounded ones of the same configuration and seed, both
     judged on the table archs meeting the bound (the archs a search could pick): Kendall tau against the ground
-    truth restricted to them, per seed, and the paired differences."""
+    truth restricted to them, per seed, and the paired differences; ``others`` (name -> values over the table, the
+    baselines) ranked on the same archs, for scale: inside a bound the archs are closer and every ranking is
+    harder."""
     out: dict = {}
     for key, row in proxies.items():
         if "feasible_share" not in row:
@@ -282,7 +294,9 @@ def bounded_training(proxies: dict, truth: np.ndarray) -> dict:
             "feasible_share": row["feasible_share"], "n_feasible": int(meets.sum()),
             "feasible_macs_bound": row["feasible_macs_bound"], "schedule": row.get("bounded_schedule"),
             "arch_steps": row.get("arch_steps"), "steps": row["steps"],
-            "trained_groups": row.get("trained_groups"), "groups": base["groups"], "per_seed": {}})
+            "trained_groups": row.get("trained_groups"), "groups": base["groups"], "per_seed": {},
+            "others_on_these_archs": {name: tau(values) for name, values in others.items()},
+            "ground_truth_tau_ceiling_on_these_archs": subset_ceiling(truth[meets], sigma)})
         entry["per_seed"][str(row["supernet_seed"])] = {
             "config": key, "kendall_tau_bounded": tau(row["values"]), "kendall_tau_unbounded": tau(base["values"]),
             "kendall_tau_bounded_shared_only": tau(row["shared_values"]),
@@ -439,7 +453,9 @@ def report(args, results: dict) -> None:
             **({"kendall_tau_by_short_weight": short_weight_curve(row, tau)} if row.get("short_values", [None])[0]
                else {}),
             "cost_fraction_of_ground_truth": one_time + per_arch}
-    bounded = bounded_training(out["proxies"], truth)
+    others = {name: values for name, (values, _) in baselines.items()}
+    sigma = out.get("ground_truth_repeat_sigma_log", results.get("ground_truth_repeat_sigma_log"))
+    bounded = bounded_training(out["proxies"], truth, {**others, "macs": -macs}, sigma)
     if bounded:
         out["bounded_training"] = bounded
     within = {k: v for k, v in out["proxies"].items() if v["cost_fraction_of_ground_truth"] <= 0.10}
