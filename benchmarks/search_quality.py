@@ -26,7 +26,13 @@ reruns from a clean checkout.
     python benchmarks/search_quality.py \
         --results benchmarks/results/proxy_validity_cosine_shapes2_table_seed1_teacher4000.json
 
-Writes ``benchmarks/results/search_quality.json`` (digits, seed 0), else ``search_quality_BENCHMARK_seedN.json``.
+``--latency-share F`` searches under a latency constraint, as the DeciDiffusion experiments do: at most the ``F``
+quantile of the table's latencies, so that a share ``F`` of the table meets it. The search gets it as a constraint
+(the strategy's pre-filter and the product's refinement honour it), and every hypervolume is over the archs meeting
+it: the search's own front among its feasible trials, against the true front of the feasible archs.
+
+Writes ``benchmarks/results/search_quality.json`` (digits, seed 0), else ``search_quality_BENCHMARK_seedN.json``
+(``_latencyF`` appended under a latency constraint).
 The numbers are hypervolumes, not times.
 """
 
@@ -146,7 +152,7 @@ def _other_worker(exp_data: dict[str, Any], table: dict, truth: dict, url: str, 
 def run_search(strategy: str, seed: int, space_data: dict[str, Any], trials: int,
                table: dict[UNetArch, tuple[float, float]], folder: Path, latency: dict[str, Any],
                truth: dict[UNetArch, tuple[float, float]], refine: int,
-               workers: int = 1) -> tuple[list[UNetArch], list[UNetArch]]:
+               workers: int = 1, latency_max: float | None = None) -> tuple[list[UNetArch], list[UNetArch]]:
     """One search through the project's ``run_worker`` (``workers`` processes on one study, as ``--workers``
     runs them), then (``refine`` > 0) its refinement through ``run_refine``: the archs of its completed trials in
     trial order, and the archs it refined."""
@@ -156,6 +162,7 @@ def run_search(strategy: str, seed: int, space_data: dict[str, Any], trials: int
         "strategy": {"name": strategy, "population": 10, "prefilter": 8},
         "budget": {"trials": trials}, "output_dir": str(folder), "base_dir": str(folder),
         **({"refine": {"layers": refine}} if refine else {}),
+        **({"constraints": [{"objective": latency["name"], "max": latency_max}]} if latency_max is not None else {}),
     })
     exp.cross_check()
     url = f"sqlite:///{folder / f'{strategy}_{seed}.db'}"
@@ -201,8 +208,9 @@ def table_truth(records: dict[UNetArch, dict], latent: int, text_len: int) -> tu
 def top_layers(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, float]], layers: int) -> list[UNetArch]:
     """The search's distinct archs on the first ``layers`` Pareto layers of its own (proxy, latency) values
     (non-dominated sorting, as NSGA-II ranks and ``refine`` picks): layer 1 is its front, layer 2 the front of the
-    rest, ..."""
-    rest = list(dict.fromkeys(archs))
+    rest, ... Only archs of ``truth`` count (under a constraint, the feasible ones, as the product's report and
+    refinement pick among feasible trials)."""
+    rest = [a for a in dict.fromkeys(archs) if a in proxy]
     return [rest[i] for layer in nondominated_layers([proxy[a] for a in rest])[:layers] for i in layer]
 
 
@@ -214,7 +222,7 @@ def front_fraction(archs: list[UNetArch], proxy: dict[UNetArch, tuple[float, flo
     the search's own front; with more layers these are the finalists trained with the ground-truth protocol and
     the front picked from them by the ground truth (dominated archs add no hypervolume), at one ground-truth run
     per finalist after the search."""
-    chosen = top_layers(archs, proxy, layers)
+    chosen = top_layers([a for a in archs if a in truth], proxy, layers)
     return hypervolume([truth[a] for a in chosen], ref) / optimum, len(chosen)
 
 
@@ -237,9 +245,13 @@ def main() -> None:
                         help="worker processes per search (results file suffixed _workersN when > 1)")
     parser.add_argument("--refine", type=int, default=2,
                         help="also measure the front of the first N Pareto layers fully trained (0: off)")
+    parser.add_argument("--latency-share", type=float, default=None,
+                        help="search under a latency constraint met by this share of the table (0 < F < 1)")
     args = parser.parse_args()
     if args.refine < 0 or args.workers < 1 or min(args.checkpoints) < 1 or max(args.checkpoints) > args.trials:
         parser.error("--refine must be >= 0, --workers >= 1 and every --checkpoints value within 1..--trials")
+    if args.latency_share is not None and not 0 < args.latency_share < 1:
+        parser.error("--latency-share must be in (0, 1)")
     start = time.perf_counter()
     try:
         results = json.loads(args.results.read_text())
@@ -272,7 +284,14 @@ def main() -> None:
                      f"{len(archs)}")
 
     lat, truth, ref, optimum = table_truth(records, latent, text_len)
-    true_front = [archs[i] for i in pareto_indices(list(truth.values()))]
+    latency_max = None
+    if args.latency_share is not None:  # only the archs meeting the constraint count, as in a constrained search
+        latency_max = float(np.quantile(list(lat.values()), args.latency_share, method="inverted_cdf"))
+        truth = {a: p for a, p in truth.items() if lat[a] <= latency_max}
+        points = list(truth.values())
+        ref = (max(p[0] for p in points), max(p[1] for p in points))
+        optimum = hypervolume(points, ref)
+    true_front = [a for i, a in enumerate(truth) if i in set(pareto_indices(list(truth.values())))]
 
     all_scores: dict[str, list[float]] = {}
     for name in args.proxies:  # every name checked before the first search runs
@@ -289,6 +308,7 @@ def main() -> None:
         for name in args.proxies:
             scores = all_scores[name]
             table = {a: (s, lat[a]) for a, s in zip(archs, scores, strict=True)}
+            judged = {a: v for a, v in table.items() if a in truth}  # the feasible archs' values
             per_seed: dict[str, list[float]] = {str(k): [] for k in sorted(set(args.checkpoints))}
             refined: dict[str, list[float]] = {k: [] for k in per_seed}
             finalists: dict[str, list[int]] = {k: [] for k in per_seed}
@@ -297,18 +317,21 @@ def main() -> None:
                 folder = Path(tmp) / name.replace("/", "_")
                 folder.mkdir(exist_ok=True)
                 found, by_product = run_search(args.strategy, seed, space_data, args.trials, table, folder,
-                                               latency_objective, truth, args.refine, args.workers)
+                                               latency_objective, truth, args.refine, args.workers, latency_max)
                 if args.refine:  # the product refined exactly the finalists this study measures at the full budget
-                    product.append(set(by_product) == set(top_layers(found, table, args.refine)))
+                    product.append(set(by_product) == set(top_layers(found, judged, args.refine)))
                 for k in per_seed:
-                    per_seed[k].append(front_fraction(found[: int(k)], table, truth, ref, optimum)[0])
+                    per_seed[k].append(front_fraction(found[: int(k)], judged, truth, ref, optimum)[0])
                     if args.refine:
-                        hv, n = front_fraction(found[: int(k)], table, truth, ref, optimum, args.refine)
+                        hv, n = front_fraction(found[: int(k)], judged, truth, ref, optimum, args.refine)
                         refined[k].append(hv)
                         finalists[k].append(n)
-            whole = front_fraction(archs, table, truth, ref, optimum)[0]  # the proxy's front over the whole table
+            whole = front_fraction(archs, judged, truth, ref, optimum)[0]  # the proxy's front over the whole table
             results[name] = {
                 "kendall_tau": float(kendalltau(scores, [records[a]["gt"] for a in archs]).statistic),
+                **({"kendall_tau_feasible": float(kendalltau([judged[a][0] for a in truth],
+                                                             [records[a]["gt"] for a in truth]).statistic)}
+                   if latency_max is not None else {}),
                 "ground_truth_hypervolume_fraction": per_seed,
                 "mean": {k: float(np.mean(v)) for k, v in per_seed.items()},
                 "whole_table_front_fraction": whole}
@@ -331,6 +354,7 @@ def main() -> None:
     name = "search_quality" + ("" if (bench_name, run_seed) == ("digits", 0) else f"_{bench_name}_seed{run_seed}")
     name += f"_workers{args.workers}" if args.workers > 1 else ""
     name += "_supernet" if args.table_from is not None else ""
+    name += f"_latency{args.latency_share:g}" if latency_max is not None else ""
     path = write_result(name, {
         "source": args.results.name, "benchmark_name": bench_name, "seed": run_seed,
         "table_from": args.table_from.name if args.table_from is not None else None,
@@ -349,6 +373,9 @@ def main() -> None:
         "hypervolume": "exact 2-D, of the search's own front (by its proxy) measured with the ground truth, "
                        "divided by the true ground-truth front's",
         "reference_point": ref, "true_front_size": len(true_front),
+        "latency_constraint": None if latency_max is None else {
+            "share": args.latency_share, "max_ms": latency_max, "feasible_archs": len(truth),
+            "what": "a constraint of every search; hypervolumes over the archs meeting it"},
         "proxies": results, "wall_seconds": time.perf_counter() - start,
     })
     print(f"wrote {path}")
