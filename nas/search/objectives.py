@@ -91,8 +91,8 @@ class Evaluator:
 
     def prepare(self) -> Evaluator:
         """The one-time work: predictors (measuring a profile if asked), reference values, data, teacher, the
-        quality proxies' one-time work. The cost bounds come first: a proxy's one-time work is spent on the archs
-        that meet them (:meth:`feasible`)."""
+        quality proxies' one-time work. The cost bounds come first: a proxy may spend its one-time work on the
+        archs that meet them alone (:meth:`feasible`; the supernet's ``train_on: feasible``)."""
         self.check()
         self._prepare_costs()
         for obj in self.exp.objectives:
@@ -132,7 +132,7 @@ class Evaluator:
 
     def feasible(self, arch: UNetArch) -> bool:
         """Whether ``arch`` meets every constraint known before a quality proxy runs: the archs a search can pick,
-        and the ones a proxy's one-time work is spent on (the supernet trains on them alone)."""
+        and the ones a proxy may spend its one-time work on alone (the supernet's ``train_on: feasible``)."""
         values = self.objectives(arch, cheap_only=True)
         return all(v <= 0 for v in self.constraint_values_partial(values).values())
 

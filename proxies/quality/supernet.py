@@ -17,12 +17,13 @@ most of it (58% of uniform draws in the DeciDiffusion 1.0 experiment, 91% in 2.0
 are trained by every larger arch that holds them, and without that they rank worse. ``train_on: feasible`` draws
 only archs meeting the bounds the context carries (a search passes its experiment's), each group for the share of
 its steps that falls on them (:meth:`Supernet.schedule`), so the one-time work shrinks by that share; measured on
-the CPU tables (README, "Few-shot supernets") it ranked the archs meeting a MACs bound at Kendall tau 0.05-0.11
-below whole-space training when half the table met it, and 0.39 below when a quarter did. An arch of a group with
-none of them is scored on the teacher's weights as inheritance gives them. With a ``cache_dir`` in the
-context the state (weights, optimiser, random generators) is written atomically every ``checkpoint_every`` steps, a
-file lock makes the processes of one machine do the work once, and a killed run resumes from its last checkpoint to
-the same weights bit for bit.
+the CPU tables (README, "Few-shot supernets") it ranked the archs meeting a MACs bound at Kendall tau 0-0.12
+below whole-space training when half the table met it (never above), and 0.22-0.50 below when a quarter did. An
+arch of a group with none of them is scored on the teacher's weights as inheritance gives them.
+
+With a ``cache_dir`` in the context the state (weights, optimiser, random generators) is written atomically every
+``checkpoint_every`` steps, a file lock makes the processes of one machine do the work once, and a killed run
+resumes from its last checkpoint to the same weights bit for bit.
 
 Per trial: build the arch, inherit from the teacher, copy in its group's shared weights, and take the held-out
 loss on ``eval_items`` items (lower is better): one evaluation, no training. With ``short_steps`` (default 3) the
