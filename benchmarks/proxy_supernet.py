@@ -33,6 +33,10 @@ report ranks the table archs that meet it (the ones a search could pick) with th
 unbounded ones of the same seed (``bounded_training``). Rows named ``feasible<F>-equal`` were made by the proxy's
 first bounded schedule (all ``steps`` on those archs, the groups in turn), before each group kept only its share.
 
+``--sandwich`` trains with the sandwich rule's largest arch (``sandwich: true``: each step also trains the group's
+supernet, its largest arch, on the same batch); the report pairs each such configuration with the same one without
+(``sandwich_rule``).
+
 ``--part short`` runs only the per-trial short run (:meth:`Supernet.short_run`) on every table arch; the report
 combines it with a shared-weights-only ``--part run`` configuration of the same seed (the supernets are
 deterministic under it), so the short run's settings can be studied without training the supernets again, and
@@ -254,6 +258,7 @@ def default_rows(proxies: dict) -> list[dict]:
     whole table (no cost bound)."""
     d = Supernet()
     return [v for k, v in proxies.items() if k.startswith("supernet:auto/") and "feasible_share" not in v
+            and not v.get("sandwich")
             and v.get("short_steps") == d.short_steps
             and v.get("short_weight") == d.short_weight and v.get("steps") == d.options["steps"]
             and v.get("short_eval_items", SHORT_EVAL_ITEMS) == d.short_eval_items]
@@ -313,6 +318,27 @@ def bounded_training(proxies: dict, truth: np.ndarray, others: dict, sigma: floa
     return out
 
 
+def sandwich_rule(proxies: dict) -> dict:
+    """Supernets trained with the sandwich rule's largest arch (each step also trains the group's supernet on the
+    same batch) against the same configuration and seed without it: Kendall tau on the whole table, per seed,
+    the paired differences, and the one-time seconds of both."""
+    per_seed = {}
+    for key, row in proxies.items():
+        base = proxies.get(key[: -len("/sandwich")]) if key.endswith("/sandwich") else None
+        if base is not None:
+            per_seed[key] = {"kendall_tau_sandwich": row["kendall_tau"], "kendall_tau_without": base["kendall_tau"],
+                             "supernet_seconds_sandwich": row["supernet_seconds"],
+                             "supernet_seconds_without": base["supernet_seconds"],
+                             "cost_fraction_sandwich": row["cost_fraction_of_ground_truth"],
+                             "cost_fraction_without": base["cost_fraction_of_ground_truth"]}
+    if not per_seed:
+        return {}
+    diff = [r["kendall_tau_sandwich"] - r["kendall_tau_without"] for r in per_seed.values()]
+    return {"per_config": per_seed, "seeds": len(diff), "difference_mean": float(np.mean(diff)),
+            "difference_min": min(diff), "difference_max": max(diff), "sandwich_better": sum(d > 0 for d in diff),
+            "ties": sum(d == 0 for d in diff)}
+
+
 def run(args, results: dict) -> None:
     """One supernet configuration of the product's proxy on the table space: the one-time work, then every table
     arch scored; the values and the seconds are kept in the work folder."""
@@ -333,12 +359,13 @@ def run(args, results: dict) -> None:
                    "feasible_of_arch": [bool(meets(a)) for a in archs]}
     proxy = make_proxy("supernet", steps=args.steps, lr=args.lr, split=split_of(name, args.split),
                        short_steps=args.short_steps, short_weight=args.short_weight,
-                       short_eval_items=args.short_eval_items, train_on="feasible" if bounded else "space")
+                       short_eval_items=args.short_eval_items, train_on="feasible" if bounded else "space",
+                       sandwich=args.sandwich)
     items = proxy.short_eval_items
     config = f"{args.split}/{args.steps}/lr{args.lr:g}/seed{args.supernet_seed}" + (
         f"/short{args.short_steps}x{args.short_weight:g}" + (f"i{items}" if items != SHORT_EVAL_ITEMS else "")
         if args.short_steps and args.short_weight else "") + (
-        f"/feasible{args.feasible_share:g}" if bounded else "")
+        f"/feasible{args.feasible_share:g}" if bounded else "") + ("/sandwich" if args.sandwich else "")
     base = baseline_seconds(ctx, archs, results["seed"])
     start = time.perf_counter()
     nets = proxy.fit(ctx)
@@ -355,6 +382,7 @@ def run(args, results: dict) -> None:
            "shared_values": [s.details["shared_loss"] for s in scores],
            "short_values": [s.details.get("short_loss") for s in scores],
            "baseline_seconds": float(np.median(base)), "baseline_seconds_all": base,
+           **({"sandwich": True} if args.sandwich else {}),
            **bounded, **({"trained_groups": len(nets), "arch_steps": len(proxy.schedule()),
                           "bounded_schedule": "proportional", "group_feasible_share": {
                               str(list(k)): v for k, v in proxy.feasible_share.items()}} if bounded else {})}
@@ -458,6 +486,12 @@ def report(args, results: dict) -> None:
     bounded = bounded_training(out["proxies"], truth, {**others, "macs": -macs}, sigma)
     if bounded:
         out["bounded_training"] = bounded
+    sandwich = sandwich_rule(out["proxies"])
+    if sandwich:
+        out["sandwich_rule"] = sandwich
+        print(f"sandwich rule over {sandwich['seeds']} configurations: paired tau difference "
+              f"{sandwich['difference_mean']:+.3f} ({sandwich['difference_min']:+.3f} to "
+              f"{sandwich['difference_max']:+.3f}), better on {sandwich['sandwich_better']}")
     within = {k: v for k, v in out["proxies"].items() if v["cost_fraction_of_ground_truth"] <= 0.10}
     best = max(within, key=lambda k: within[k]["kendall_tau"])
     out["best_proxy_within_10_percent"] = {"name": best, **{k: within[best][k] for k in
@@ -466,7 +500,8 @@ def report(args, results: dict) -> None:
     # weights alone (split: auto, no short run: the proxy before short_steps)
     for label, rows in (("supernet_default", default_rows(out["proxies"])),
                         ("supernet_auto", [v for k, v in out["proxies"].items() if k.startswith("supernet:auto/")
-                                           and not v.get("short_steps") and "feasible_share" not in v])):
+                                           and not v.get("short_steps") and "feasible_share" not in v
+                                           and not v.get("sandwich")])):
         if rows:
             taus = [v["kendall_tau"] for v in rows]
             out[label] = {"seeds": len(rows), "kendall_tau_min": min(taus), "kendall_tau_max": max(taus),
@@ -505,6 +540,8 @@ if __name__ == "__main__":
     parser.add_argument("--short-weight", type=float, default=Supernet().short_weight)
     parser.add_argument("--short-eval-items", type=int, default=Supernet().short_eval_items,
                         help="held-out items of the short run's evaluation")
+    parser.add_argument("--sandwich", action="store_true",
+                        help="the sandwich rule's largest arch: each step also trains the group's supernet")
     parser.add_argument("--feasible-share", type=float, default=None,
                         help="train under a MACs bound met by this share of the table space (0 < F < 1)")
     args = parser.parse_args()

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -149,7 +150,7 @@ def test_a_student_trains_the_supernets_own_tensors():
     ({"short_steps": -1}, "short_steps"), ({"short_steps": 2.5}, "short_steps"),
     ({"short_weight": -0.1}, "short_weight"), ({"short_weight": "some"}, "short_weight"),
     ({"short_weight": float("nan")}, "short_weight"), ({"short_eval_items": 0}, "short_eval_items"),
-    ({"short_lr": 0}, "short_lr"), ({"train_on": "all"}, "train_on"),
+    ({"short_lr": 0}, "short_lr"), ({"train_on": "all"}, "train_on"), ({"sandwich": "yes"}, "sandwich"),
 ])
 def test_bad_options_are_config_errors(options, field):
     with pytest.raises(ConfigError) as exc:
@@ -361,3 +362,28 @@ def test_under_bounds_each_group_keeps_its_steps_share_of_the_archs_meeting_them
     plan = proxy.schedule()
     assert [plan.count((k,)) for k in range(4)] == [4, 2, 1, 0]
     assert (1,) in plan[:4] and (1,) in plan[4:]  # spread over the schedule, not bunched
+
+
+def test_the_sandwich_rule_also_trains_each_groups_largest_arch(monkeypatch):
+    """``sandwich: true``: every step also trains the group's supernet (its largest arch) on the same batch, so
+    the shared weights move differently; off, the cache folder is the one runs made before the option existed."""
+    import proxies.quality.supernet as supernet
+
+    calls = []
+    real = supernet.backward_batch
+    monkeypatch.setattr(supernet, "backward_batch", lambda model, ctx, batch, *a: calls.append(
+        (model, batch[0].sum().item())) or real(model, ctx, batch, *a))
+    ctx = _bounded_context()
+    arch = ctx.space.sample(random.Random(1))
+    options = {"steps": 4, "eval_items": 8, "short_steps": 0, "split": ["down[0].resnets"]}
+    plain = make_proxy("supernet", **options)
+    without = plain(arch, ctx).score
+    assert len(calls) == 4
+    calls.clear()
+    proxy = make_proxy("supernet", sandwich=True, **options)
+    assert proxy(arch, ctx).score != without
+    nets = set(map(id, proxy._nets.values()))
+    assert len(calls) == 8 and [id(m) in nets for m, _ in calls] == [False, True] * 4
+    assert all(calls[i][1] == calls[i + 1][1] for i in range(0, 8, 2))  # the same batch
+    cached = replace(ctx, cache_dir=Path("c"))
+    assert proxy.cache_folder(cached) != plain.cache_folder(cached)

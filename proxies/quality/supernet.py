@@ -103,8 +103,11 @@ class Supernet(QualityProxy):
     def __init__(self, steps: int = 1000, lr: float = 1e-3, warmup: float = 0.1, split: str | list[str] = "auto",
                  eval_items: int = 64, checkpoint_every: int = 100, new_modules: str = "fresh",
                  max_groups: int | None = None, short_steps: int = 3, short_weight: float = 0.03,
-                 short_eval_items: int = 16, short_lr: float = 5e-4, train_on: str = "space"):
+                 short_eval_items: int = 16, short_lr: float = 5e-4, train_on: str = "space",
+                 sandwich: bool = False):
         check_new_modules(new_modules)
+        if not isinstance(sandwich, bool):
+            raise ConfigError(f"must be true or false, got {sandwich!r}", field="sandwich")
         if train_on not in TRAIN_ON:
             raise ConfigError(f"must be one of {', '.join(TRAIN_ON)}, got {train_on!r}", field="train_on")
         if not _is_int(short_steps) or short_steps < 0:
@@ -130,6 +133,8 @@ class Supernet(QualityProxy):
         self.options = {"steps": steps, "lr": float(lr), "warmup": float(warmup),
                         "split": split if split == "auto" else list(split),
                         "eval_items": eval_items, "new_modules": new_modules, "max_groups": max_groups}
+        if sandwich:  # in the cache digest only when on: the folders of runs made before the option stay theirs
+            self.options["sandwich"] = True
         self.train_on = train_on
         self.checkpoint_every = checkpoint_every
         # per trial, so not in the one-time work's cache digest
@@ -356,6 +361,7 @@ class Supernet(QualityProxy):
         space = ctx.space
         models: OrderedDict[str, tuple[nn.Module, list]] = OrderedDict()
         ctx.teacher.eval().requires_grad_(False)
+        largest = {k: paired_stages(nets[k], ctx.teacher) for k in keys} if o.get("sandwich") else {}
         while step < len(plan):
             key = plan[step]
             arch = space.sample(rng, max_tries=MAX_TRIES, accept=lambda a, key=key: self.group_of(space, a) == key
@@ -373,7 +379,11 @@ class Supernet(QualityProxy):
             model, pairs = models[arch_key(arch)]
             opt.zero_grad(set_to_none=True)
             model.train()
-            total = backward_batch(model, ctx, ctx.batch(gen), ctx.teacher, pairs)
+            batch = ctx.batch(gen)
+            total = backward_batch(model, ctx, batch, ctx.teacher, pairs)
+            if largest:  # the sandwich rule's largest arch: the group's supernet itself, on the same batch
+                nets[key].train()
+                backward_batch(nets[key], ctx, batch, ctx.teacher, largest[key])
             opt.step()
             sched.step()
             if not torch.isfinite(torch.tensor(total)):
