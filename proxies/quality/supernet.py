@@ -96,7 +96,10 @@ class Supernet(QualityProxy):
     by the ``split`` decisions (``auto``, or names of the space's decisions, e.g. ``[down[1].resnets]``; widths and
     layouts are split on always); per trial the held-out loss of the arch's shared weights on ``eval_items``
     items, times the loss after ``short_steps`` steps of distillation from inheritance to the power
-    ``short_weight`` (``short_steps: 0`` scores the shared weights alone)."""
+    ``short_weight`` (``short_steps: 0`` scores the shared weights alone). ``train_on``: the whole space or only
+    the archs meeting the context's cost bounds (module docstring); ``sandwich``: each step also trains the
+    group's supernet, its largest arch, on the same batch (the sandwich rule's largest half: twice the one-time
+    work, and on the CPU tables no better, -0.03 to +0.01)."""
 
     kind = "supernet"
 
