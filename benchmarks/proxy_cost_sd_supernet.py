@@ -54,10 +54,8 @@ def cost_bounds(path: str | Path) -> tuple[Any, str]:
     """(predicate, label) of the experiment's cost constraints, as its search hands them to the proxy; (None, "")
     without any. Needs no data or teacher: parameters, MACs and the latency predictors only."""
     evaluator = Evaluator(load_experiment(path))
-    bounds = evaluator.cost_bounds()
-    if not bounds:
-        return None, ""
-    return evaluator.feasible, ", ".join(f"{label} ({bound:.6g})" for label, bound in bounds.items())
+    label = evaluator.cost_label()
+    return (evaluator.feasible, label) if label else (None, "")
 
 
 def supernet_objective(path: str | Path, teacher_arch: UNetArch) -> tuple[dict[str, Any], Any, str]:

@@ -5,6 +5,7 @@ arch (``--sandwich``), each paired with the same configuration and supernet seed
 from __future__ import annotations
 
 import numpy as np
+from proxy_validity_report import ceiling_draws
 from scipy.stats import kendalltau
 
 from proxies.cost import arch_costs
@@ -17,14 +18,10 @@ def macs_bound(space: SearchSpace, share: float, text_len: int) -> float:
     return float(np.quantile(macs, share, method="inverted_cdf"))
 
 
-def subset_ceiling(losses: np.ndarray, sigma: float | None, draws: int = 2000) -> float | None:
+def subset_ceiling(losses: np.ndarray, sigma: float | None) -> float | None:
     """The tau two repeats of the ground truth would reach on these archs, with its measured per-run noise of log
     loss (as ``noise_figures`` computes it for the whole table): what any proxy can reach on them."""
-    if sigma is None:
-        return None
-    rng, logs = np.random.default_rng(0), np.log(losses)
-    return float(np.mean([kendalltau(logs + rng.normal(0, sigma, len(logs)),
-                                     logs + rng.normal(0, sigma, len(logs))).statistic for _ in range(draws)]))
+    return None if sigma is None else float(np.mean(ceiling_draws(np.log(losses), sigma)))
 
 
 def bounded_training(proxies: dict, truth: np.ndarray, others: dict, sigma: float | None) -> dict:

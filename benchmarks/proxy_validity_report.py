@@ -47,14 +47,20 @@ def noise_figures(first: list[float], second: list[float], all_losses: list[floa
     logs = np.log(all_losses)
     pairs = list(itertools.combinations(range(len(logs)), 2))
     ties = sum(abs(logs[i] - logs[j]) < tie_threshold(sigma) for i, j in pairs) / len(pairs)
-    rng = np.random.default_rng(rng_seed)  # two noisy replicates of the same truth: how well they can agree
-    sims = [tau(logs + rng.normal(0, sigma, len(logs)), logs + rng.normal(0, sigma, len(logs))) for _ in range(2000)]
+    sims = ceiling_draws(logs, sigma, rng_seed)
     return {"ground_truth_repeat_n": len(first), "ground_truth_repeat_tau": tau(first, second),
             "ground_truth_repeat_sigma_log": sigma,
             "ground_truth_repeat_abs_rel_diff_max": float(np.max(np.abs(np.expm1(d)))),
             "ground_truth_pairs_tied_within_noise": ties, "ground_truth_pairs_n": len(pairs),
             "ground_truth_tau_ceiling": float(np.mean(sims)),
             "ground_truth_tau_ceiling_p5": float(np.percentile(sims, 5))}
+
+
+def ceiling_draws(logs: np.ndarray, sigma: float, rng_seed: int = 0, draws: int = 2000) -> list[float]:
+    """Kendall tau between two noisy replicates (per-run noise ``sigma`` of log loss) of the same true ``logs``,
+    ``draws`` times: how well two repeats of the ground truth can agree, its ceiling."""
+    rng = np.random.default_rng(rng_seed)
+    return [tau(logs + rng.normal(0, sigma, len(logs)), logs + rng.normal(0, sigma, len(logs))) for _ in range(draws)]
 
 
 def tie_threshold(sigma: float) -> float:

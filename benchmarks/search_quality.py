@@ -291,7 +291,8 @@ def main() -> None:
         points = list(truth.values())
         ref = (max(p[0] for p in points), max(p[1] for p in points))
         optimum = hypervolume(points, ref)
-    true_front = [a for i, a in enumerate(truth) if i in set(pareto_indices(list(truth.values())))]
+    on_front = set(pareto_indices(list(truth.values())))
+    true_front = [a for i, a in enumerate(truth) if i in on_front]
 
     all_scores: dict[str, list[float]] = {}
     for name in args.proxies:  # every name checked before the first search runs

@@ -130,6 +130,11 @@ class Evaluator:
         return {c.label: c.max if c.max is not None else c.max_ratio * self._reference_values[c.of][c.objective]
                 for c in self.exp.constraints if kinds[c.objective] != "quality"}
 
+    def cost_label(self) -> str:
+        """The cost bounds as text (``label (bound), ...``; empty without any): what names a cache of one-time work
+        done under them."""
+        return ", ".join(f"{label} ({bound:.6g})" for label, bound in self.cost_bounds().items())
+
     def feasible(self, arch: UNetArch) -> bool:
         """Whether ``arch`` meets every constraint known before a quality proxy runs: the archs a search can pick,
         and the ones a proxy may spend its one-time work on alone (the supernet's ``train_on: feasible``)."""
@@ -190,10 +195,9 @@ class Evaluator:
                              cache_dir=self.exp.run_dir, batch_size=q.batch_size, micro_batch=q.micro_batch,
                              eval_items=q.eval_items, eval_timesteps=q.eval_timesteps,
                              gradient_checkpointing=q.gradient_checkpointing, mixed_precision=q.mixed_precision)
-        bounds = self.cost_bounds()
-        if bounds:  # the bounds' values name the cache of one-time work done under them
-            ctx.feasible = self.feasible
-            ctx.feasible_label = ", ".join(f"{label} ({bound:.6g})" for label, bound in bounds.items())
+        label = self.cost_label()
+        if label:
+            ctx.feasible, ctx.feasible_label = self.feasible, label
         if self.exp.teacher is not None:
             ctx.teacher = self._teacher(ctx)
         self._ctx = ctx

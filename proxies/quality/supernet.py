@@ -385,7 +385,6 @@ class Supernet(QualityProxy):
             batch = ctx.batch(gen)
             total = backward_batch(model, ctx, batch, ctx.teacher, pairs)
             if largest:  # the sandwich rule's largest arch: the group's supernet itself, on the same batch
-                nets[key].train()
                 backward_batch(nets[key], ctx, batch, ctx.teacher, largest[key])
             opt.step()
             sched.step()
